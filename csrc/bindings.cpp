@@ -1,0 +1,87 @@
+// The only pybind11 file: binds the kernels and reports how the extension was built.
+#include <torch/extension.h>
+#include <omp.h>
+
+#include "ops.h"
+
+namespace {
+
+void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), what, ": tensors are on different devices");
+}
+
+at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial, int64_t n) {
+  TORCH_CHECK_VALUE(features.dim() == 2 && features.scalar_type() == at::kFloat,
+                    "greedy_coreset: features must be a 2-D float32 tensor");
+  TORCH_CHECK_VALUE(initial.dim() == 1 && initial.size(0) == features.size(0) &&
+                        initial.scalar_type() == at::kFloat,
+                    "greedy_coreset: initial distances must be float32 of shape [N]");
+  TORCH_CHECK_VALUE(n >= 1 && n <= features.size(0), "greedy_coreset: n must be in [1, N]");
+  check_pair(features, initial, "greedy_coreset");
+  if (features.is_cuda()) {
+#ifdef PATCHCORE_WITH_CUDA
+    return patchcore::greedy_coreset_cuda(features, initial, n);
+#else
+    TORCH_CHECK(false, "greedy_coreset: this build of patchcore_fast has no CUDA kernels");
+#endif
+  }
+  TORCH_CHECK_VALUE(features.is_cpu(), "greedy_coreset: unsupported device ", features.device());
+  return patchcore::greedy_coreset_cpu(features, initial, n);
+}
+
+std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+                                       int64_t tile_elems) {
+  TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
+                    "knn: queries [Q, D] and bank [M, D] must be 2-D with the same D");
+  TORCH_CHECK_VALUE(queries.scalar_type() == at::kFloat && bank.scalar_type() == at::kFloat,
+                    "knn: tensors must be float32");
+  TORCH_CHECK_VALUE(k >= 1 && k <= bank.size(0), "knn: k must be in [1, M]");
+  TORCH_CHECK_VALUE(tile_elems >= 1, "knn: tile_elems must be positive");
+  check_pair(queries, bank, "knn");
+  if (queries.is_cuda()) {
+#ifdef PATCHCORE_WITH_CUDA
+    TORCH_CHECK_VALUE(k <= patchcore::kCudaKnnMaxK, "knn: the CUDA kernel keeps at most ",
+                      patchcore::kCudaKnnMaxK, " neighbours");
+    return patchcore::knn_cuda(queries, bank, k);
+#else
+    TORCH_CHECK(false, "knn: this build of patchcore_fast has no CUDA kernels");
+#endif
+  }
+  TORCH_CHECK_VALUE(queries.is_cpu(), "knn: unsupported device ", queries.device());
+  return patchcore::knn_cpu(queries, bank, k, tile_elems);
+}
+
+py::dict build_info() {
+  py::dict info;
+#ifdef PATCHCORE_WITH_CUDA
+  info["cuda"] = true;
+  const int v = patchcore::cuda_runtime_version();
+  info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+  info["cuda_max_k"] = patchcore::kCudaKnnMaxK;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_max_k"] = 0;
+#endif
+  info["openmp_threads"] = omp_get_max_threads();
+#ifdef __AVX512F__
+  info["cpu_simd"] = "avx512";
+#elif defined(__AVX2__)
+  info["cpu_simd"] = "avx2";
+#else
+  info["cpu_simd"] = "baseline";
+#endif
+  info["torch_built_against"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "patchcore_fast compiled kernels (CPU, and CUDA when built with it)";
+  m.def("greedy_coreset", &greedy_coreset, py::arg("features"), py::arg("initial_distances"), py::arg("n"),
+        "Greedy k-center indices (validated inputs; see patchcore_fast.greedy_coreset)");
+  m.def("knn", &knn, py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("tile_elems"),
+        "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn)");
+  m.def("build_info", &build_info, "How this extension was built");
+}

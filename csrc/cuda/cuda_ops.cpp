@@ -1,0 +1,80 @@
+// Torch side of the CUDA kernels: shapes, workspaces, device and stream. The .cu files
+// behind it see raw pointers only.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <limits>
+
+#include "cuda/greedy_coreset_cuda.cuh"
+#include "cuda/knn_cuda.cuh"
+#include "ops.h"
+
+namespace patchcore {
+
+static_assert(kCudaKnnMaxK == cuda::kKnnMaxK, "ops.h and knn_cuda.cuh disagree on the largest k");
+
+int cuda_runtime_version() { return CUDART_VERSION; }
+
+at::Tensor greedy_coreset_cuda(const at::Tensor& features_in, const at::Tensor& initial, int64_t n) {
+  const c10::cuda::CUDAGuard guard(features_in.device());
+  const at::Tensor features = features_in.contiguous();
+  const int64_t rows = features.size(0);
+  const int64_t dim = features.size(1);
+  TORCH_CHECK_VALUE(rows < std::numeric_limits<uint32_t>::max(), "greedy_coreset: too many rows for the CUDA kernel");
+
+  at::Tensor min_distance = initial.contiguous().clone();
+  at::Tensor out = at::empty({n}, features.options().dtype(at::kLong));
+  at::Tensor half_rows = at::empty({rows * cuda::coreset_padded_dim(dim)}, features.options().dtype(at::kHalf));
+  at::Tensor residual = at::empty({rows}, features.options());
+  at::Tensor keys = at::zeros({3}, features.options().dtype(at::kLong));
+  at::Tensor max_abs = at::linalg_vector_norm(features, std::numeric_limits<double>::infinity());
+
+  cuda::greedy_coreset_launch(features.data_ptr<float>(), rows, dim, min_distance.data_ptr<float>(), n,
+                              out.data_ptr<int64_t>(), reinterpret_cast<__half*>(half_rows.data_ptr<at::Half>()),
+                              residual.data_ptr<float>(), reinterpret_cast<unsigned long long*>(keys.data_ptr<int64_t>()),
+                              max_abs.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+namespace {
+// Contiguous, 16-byte aligned, row length padded with zeros to the kernel's slice width.
+at::Tensor kernel_layout(const at::Tensor& x) {
+  at::Tensor out = x.contiguous();
+  const int64_t dim = out.size(1);
+  const int64_t padded = (dim + cuda::kKnnDimAlign - 1) / cuda::kKnnDimAlign * cuda::kKnnDimAlign;
+  if (padded != dim) return at::constant_pad_nd(out, {0, padded - dim}, 0.0);
+  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) return out.clone();
+  return out;
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in, const at::Tensor& bank_in, int64_t k) {
+  const c10::cuda::CUDAGuard guard(queries_in.device());
+  TORCH_CHECK_VALUE(bank_in.size(0) < std::numeric_limits<int32_t>::max(), "knn: bank too large for the CUDA kernel");
+  const at::Tensor queries = kernel_layout(queries_in);
+  const at::Tensor bank = kernel_layout(bank_in);
+  const int64_t num_queries = queries.size(0);
+  const int64_t num_bank = bank.size(0);
+
+  const int splits = cuda::knn_splits(num_queries, num_bank, queries.get_device());
+  const auto f32 = queries.options();
+  at::Tensor query_norms = at::empty({num_queries}, f32);
+  at::Tensor bank_norms = at::empty({num_bank}, f32);
+  at::Tensor out_distance = at::empty({num_queries, k}, f32);
+  at::Tensor out_index = at::empty({num_queries, k}, f32.dtype(at::kLong));
+  at::Tensor part_distance, part_index;
+  if (splits > 1) {
+    part_distance = at::empty({splits, num_queries, k}, f32);
+    part_index = at::empty({splits, num_queries, k}, f32.dtype(at::kInt));
+  }
+  cuda::knn_launch(queries.data_ptr<float>(), num_queries, bank.data_ptr<float>(), num_bank, queries.size(1),
+                   static_cast<int>(k), splits, query_norms.data_ptr<float>(), bank_norms.data_ptr<float>(),
+                   splits > 1 ? part_distance.data_ptr<float>() : nullptr,
+                   splits > 1 ? part_index.data_ptr<int32_t>() : nullptr, out_distance.data_ptr<float>(),
+                   out_index.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
+  return {out_distance, out_index};
+}
+
+}  // namespace patchcore

@@ -1,0 +1,45 @@
+// Used by the CUDA coreset kernel (plain C++, no torch): the rules that
+// let a greedy step read a float16 copy of the rows and still give float32-exact results.
+//
+// Each row x is stored as h = fp16(x * scale), with `scale` a power of two that keeps
+// every value in fp16 range, and r = |x - h / scale| (its rounding residual, rounded up).
+// For a centre c, a = |h / scale - c| is computed in float32; by the triangle inequality
+// the true distance |x - c| >= a - r. If even that lower bound, shrunk by float32
+// rounding, is not below the row's current minimum, the exact float32 distance cannot
+// lower it and the row is skipped. Otherwise the exact distance is computed from x.
+// The skip never changes a result: the outputs equal an all-exact pass.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PATCHCORE_HD __host__ __device__ __forceinline__
+#else
+#define PATCHCORE_HD inline
+#endif
+
+namespace patchcore::half_bound {
+
+// Largest |x| * scale allowed; fp16 stops at 65504.
+constexpr float kMaxScaled = 32768.f;
+// Relative slack on residuals computed in float32.
+constexpr float kResidualSlack = 1.0f / 1024.f;
+
+// Power-of-two scale for a tensor whose largest magnitude is `max_abs`.
+PATCHCORE_HD float scale_for(float max_abs) {
+  if (!(max_abs > 0.f)) return 1.f;
+  int exponent = static_cast<int>(floorf(log2f(kMaxScaled / max_abs)));
+  exponent = exponent < -100 ? -100 : (exponent > 100 ? 100 : exponent);
+  return ldexpf(1.f, exponent);
+}
+
+// Relative error bound of a float32 sum of `dim` squares, plus its square root, with margin.
+PATCHCORE_HD float relative_rounding(int64_t dim) { return static_cast<float>(dim + 4) * 1.1920929e-7f; }
+
+// True when |x - c| >= current for certain, given a = |h/scale - c| and residual r.
+PATCHCORE_HD bool cannot_lower(float approx, float residual, float current, float rounding) {
+  const float lower = (approx * (1.f - rounding) - residual) * (1.f - rounding);
+  return lower >= current;
+}
+
+}  // namespace patchcore::half_bound

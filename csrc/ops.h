@@ -1,0 +1,29 @@
+// Tensor-level entry points of the two kernels, one per device.
+// Inputs arrive validated by the Python layer (patchcore_fast/coreset.py, knn.py):
+// float32, 2-D, finite, on one device. The C++ side re-checks the cheap
+// invariants (shapes, dtype, device) so that a direct call cannot crash.
+#pragma once
+#include <ATen/ATen.h>
+#include <tuple>
+
+namespace patchcore {
+
+// Greedy k-center selection. `initial` holds each point's starting distance
+// (L2, same space as `features`); the first pick is its argmax. Returns the
+// `n` selected row indices in selection order (int64). Ties go to the lowest index.
+at::Tensor greedy_coreset_cpu(const at::Tensor& features, const at::Tensor& initial, int64_t n);
+
+// Exact top-k squared-L2 search: (distances [Q, k] ascending, indices [Q, k]).
+// Ties go to the lower index. At most `tile_elems` distances exist at a time.
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& bank,
+                                           int64_t k, int64_t tile_elems);
+
+#ifdef PATCHCORE_WITH_CUDA
+at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& initial, int64_t n);
+std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at::Tensor& bank, int64_t k);
+// Largest k the fused CUDA knn kernel keeps per query (one list slot per warp lane).
+constexpr int64_t kCudaKnnMaxK = 32;
+int cuda_runtime_version();
+#endif
+
+}  // namespace patchcore

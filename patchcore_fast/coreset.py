@@ -1,0 +1,90 @@
+"""greedy_coreset: the one entry point that validates, projects, starts, and dispatches
+to the CUDA kernel, the CPU kernel, or the pure-torch reference."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _checks
+from ._extension import _C, compiled
+from .reference.coreset import greedy_coreset_reference, pairwise_l2
+
+
+def random_projection(dim_in: int, dim_out: int, generator: torch.Generator) -> torch.Tensor:
+    """Weights [dim_out, dim_in] of a freshly initialised bias-free nn.Linear, as the authors
+    use: uniform in +-1/sqrt(dim_in) (kaiming_uniform with a = sqrt(5))."""
+    bound = 1.0 / math.sqrt(dim_in)
+    return torch.empty(dim_out, dim_in).uniform_(-bound, bound, generator=generator)
+
+
+def mean_start_distances(space: torch.Tensor, num_starts: int, generator: torch.Generator) -> torch.Tensor:
+    """The authors' start: each point's mean L2 distance to `num_starts` random points
+    (drawn without replacement; they are not selected)."""
+    starts = torch.randperm(space.shape[0], generator=generator)[:num_starts].to(space.device)
+    return pairwise_l2(space, space[starts]).mean(dim=1)
+
+
+def coreset_size(num_rows: int, ratio=None, n=None) -> int:
+    if (ratio is None) == (n is None):
+        raise ValueError("give exactly one of ratio (a fraction in (0, 1]) or n (a number of points)")
+    if n is not None:
+        return _checks.integer(n, "n", 1, num_rows)
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    size = int(num_rows * ratio)  # the authors' rounding
+    if size < 1:
+        raise ValueError(f"ratio {ratio} of {num_rows} points selects no point; raise ratio or pass n")
+    return size
+
+
+@torch.no_grad()
+def greedy_coreset(
+    features: torch.Tensor,
+    ratio: float | None = None,
+    *,
+    n: int | None = None,
+    projection_dim: int | None = 128,
+    num_starts: int = 10,
+    seed: int = 0,
+    initial_distances: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy k-center coreset of the rows of `features` [N, D]: int64 indices in selection order.
+
+    Give `ratio` (size = int(N * ratio), as the authors round) or `n`. By default the
+    selection runs on a random 128-d projection and starts from each point's mean
+    distance to `num_starts` random points, like the authors' approximate sampler;
+    `projection_dim=None` runs it on the features themselves (exact variant).
+    `initial_distances` [N] (L2, in the space the selection runs in) replaces the random
+    start: the first pick is its argmax. Continuing a coreset from an existing memory
+    bank is `initial_distances` = each row's distance to its nearest bank entry.
+
+    Randomness: `seed` seeds one CPU torch.Generator that draws, in this order, the
+    projection weights and then the start points, so a given seed gives the same
+    projection and start on every device; the selection itself is deterministic
+    (ties go to the lowest index), so results repeat exactly for a seed on a device.
+    float16/bfloat16 features are upcast; the selection runs in float32.
+    """
+    features = _checks.float_matrix(features, "features")
+    num_rows, dim = features.shape
+    size = coreset_size(num_rows, ratio, n)
+    num_starts = _checks.integer(num_starts, "num_starts", 1)
+    if projection_dim is not None:
+        projection_dim = _checks.integer(projection_dim, "projection_dim", 1)
+    seed = _checks.integer(seed, "seed", 0)
+
+    generator = torch.Generator().manual_seed(seed)
+    space = features
+    if projection_dim is not None and projection_dim != dim:  # the authors skip an identity-sized map
+        weights = random_projection(dim, projection_dim, generator).to(features.device)
+        space = features @ weights.T
+    if initial_distances is None:
+        initial = mean_start_distances(space, min(num_starts, num_rows), generator)
+    else:
+        initial = _checks.float_vector(initial_distances, "initial_distances", num_rows, features.device)
+
+    if compiled(features.device):
+        return _C.greedy_coreset(space, initial, size)
+    return greedy_coreset_reference(space, initial, size)

@@ -1,0 +1,119 @@
+"""greedy_coreset against the authors' loop (patchcore_fast.reference), on CPU and CUDA."""
+
+import pytest
+import torch
+
+import patchcore_fast
+from patchcore_fast.coreset import mean_start_distances, random_projection
+from patchcore_fast.reference import greedy_coreset_reference, pairwise_l2
+
+from conftest import DEVICES, clustered_rows, integer_rows
+
+
+def start(space, seed=0):
+    return mean_start_distances(space, 10, torch.Generator().manual_seed(seed))
+
+
+def assert_greedy(features, picks, initial):
+    """Each pick is (up to float32 rounding) the farthest point from the picks before it,
+    judged in float64: catches any skipped or wrong distance update."""
+    x = features.double().cpu()
+    picks = picks.cpu()
+    min_d = initial.double().cpu().clone()
+    for step, pick in enumerate(picks.tolist()):
+        assert min_d[pick] >= min_d.max() * (1 - 1e-5) - 1e-6, f"step {step}: pick {pick} is not the farthest"
+        min_d = torch.minimum(min_d, (x - x[pick]).norm(dim=1))
+        min_d[pick] = -1
+    assert len(set(picks.tolist())) == len(picks)
+
+
+@pytest.mark.parametrize("dim", [3, 127, 128, 1024, 1536])
+@pytest.mark.parametrize("rows", [1001, 2717])
+def test_exact_equals_reference_on_integer_data(device, rows, dim):
+    g = torch.Generator().manual_seed(rows + dim)
+    x = integer_rows(rows, dim, g)
+    initial = start(x)
+    n = max(1, rows // 10)
+    ours = patchcore_fast.greedy_coreset(x.to(device), n=n, projection_dim=None, initial_distances=initial.to(device))
+    ref = greedy_coreset_reference(x, initial, n)
+    assert ours.dtype == torch.int64 and ours.device.type == device.type
+    assert torch.equal(ours.cpu(), ref)
+
+
+def test_clustered_data_and_duplicate_rows_tie_to_lowest_index(device):
+    g = torch.Generator().manual_seed(3)
+    base = clustered_rows(600, 64, g)
+    x = torch.cat([base, base[:200], base[100:150]])  # duplicates at higher indices
+    initial = torch.zeros(len(x))  # every first pick is a tie
+    ours = patchcore_fast.greedy_coreset(x.to(device), n=len(x), projection_dim=None, initial_distances=initial.to(device))
+    ref = greedy_coreset_reference(x, initial, len(x))
+    assert torch.equal(ours.cpu(), ref)
+    assert ours[0].item() == 0
+    assert sorted(ours.tolist()) == list(range(len(x)))  # n = N selects everything, once
+
+
+@pytest.mark.parametrize("dim", [127, 1024])
+def test_float_data_is_greedy_and_follows_reference(device, dim):
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(3001, dim, generator=g) * 3 + 1
+    initial = start(x)
+    ours = patchcore_fast.greedy_coreset(x.to(device), n=150, projection_dim=None, initial_distances=initial.to(device))
+    assert_greedy(x, ours, initial)
+    ref = greedy_coreset_reference(x, initial, 150)
+    assert torch.equal(ours[:30].cpu(), ref[:30])
+
+
+def test_projected_mode_matches_reference_pipeline(device):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4099, 256, generator=g).abs()  # ReLU-like features
+    ours = patchcore_fast.greedy_coreset(x.to(device), 0.05, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    space = x @ random_projection(256, 128, gen).T
+    initial = mean_start_distances(space, 10, gen)
+    assert len(ours) == int(4099 * 0.05)
+    assert_greedy(space, ours, initial)
+    assert torch.equal(ours[:40].cpu(), greedy_coreset_reference(space, initial, 40))
+
+
+def test_seed_repeats_and_varies(device):
+    x = torch.randn(2000, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    a = patchcore_fast.greedy_coreset(x, 0.1, seed=1)
+    assert torch.equal(a, patchcore_fast.greedy_coreset(x, 0.1, seed=1))
+    assert not torch.equal(a, patchcore_fast.greedy_coreset(x, 0.1, seed=2))
+
+
+def test_initial_distances_continue_an_existing_bank(device):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1500, 32, generator=g)
+    bank = torch.randn(40, 32, generator=g)
+    initial = pairwise_l2(x, bank).min(dim=1).values
+    ours = patchcore_fast.greedy_coreset(x.to(device), n=60, projection_dim=None, initial_distances=initial.to(device))
+    assert ours[0].item() == int(torch.argmax(initial))
+    assert_greedy(x, ours, initial)
+
+
+def test_half_precision_input_is_upcast(device):
+    x = integer_rows(700, 48, torch.Generator().manual_seed(2))
+    initial = start(x)
+    for dtype in (torch.float16, torch.bfloat16):
+        ours = patchcore_fast.greedy_coreset(x.to(device, dtype), n=70, projection_dim=None, initial_distances=initial.to(device))
+        assert torch.equal(ours.cpu(), greedy_coreset_reference(x, initial, 70))
+
+
+def test_any_strides(device):
+    x = integer_rows(900, 80, torch.Generator().manual_seed(4))
+    initial = start(x[:, ::2])
+    strided = x.to(device)[:, ::2]
+    assert not strided.is_contiguous()
+    ours = patchcore_fast.greedy_coreset(strided, n=90, projection_dim=None, initial_distances=initial.to(device))
+    assert torch.equal(ours.cpu(), greedy_coreset_reference(x[:, ::2].contiguous(), initial, 90))
+
+
+@pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")
+def test_cpu_and_cuda_agree():
+    x = torch.randn(20000, 1024, generator=torch.Generator().manual_seed(8))
+    cpu = patchcore_fast.greedy_coreset(x, 0.1)
+    gpu = patchcore_fast.greedy_coreset(x.cuda(), 0.1)
+    # The projections come from different BLAS libraries, so a near-tie late in the run may
+    # break differently; the start of the selection must coincide.
+    assert torch.equal(cpu[:100], gpu[:100].cpu())
