@@ -1,0 +1,31 @@
+"""Faiss-free baselines as users run them today: each returns what our kernels return."""
+
+from __future__ import annotations
+
+import torch
+
+from patchcore_fast.coreset import mean_start_distances, random_projection
+from patchcore_fast.reference import greedy_coreset_reference
+
+
+def authors_coreset(features: torch.Tensor, ratio: float, projection_dim: int | None = 128, seed: int = 0):
+    """The authors' approximate greedy sampler: projection, mean-distance start, per-step loop."""
+    g = torch.Generator().manual_seed(seed)
+    space = features
+    if projection_dim is not None:
+        space = features @ random_projection(features.shape[1], projection_dim, g).to(features.device).T
+    initial = mean_start_distances(space, 10, g)
+    return greedy_coreset_reference(space, initial, int(features.shape[0] * ratio))
+
+
+def matmul_min(queries: torch.Tensor, bank: torch.Tensor):
+    """Nearest neighbour by a full float32 distance matrix and a row minimum."""
+    d = (queries * queries).sum(1, keepdim=True) - 2 * queries @ bank.T + (bank * bank).sum(1)
+    values, indices = d.clamp_min_(0).min(dim=1)
+    return values[:, None], indices[:, None]
+
+
+def cdist_topk(queries: torch.Tensor, bank: torch.Tensor, k: int):
+    """k nearest neighbours by torch.cdist and torch.topk."""
+    values, indices = torch.cdist(queries, bank).topk(k, dim=1, largest=False)
+    return values.square(), indices

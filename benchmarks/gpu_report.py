@@ -1,0 +1,163 @@
+"""W1 on a GPU: correctness first, then CUDA-event timings against the baselines and the floors.
+
+Usage: python benchmarks/gpu_report.py OUTDIR [PYTEST_BENCHMARK_JSON]
+Writes OUTDIR/results.json: per workload and implementation the median seconds, the ratio
+to the baseline of the same step, and the floor (FLOPs over the measured float32 rate,
+bytes over the measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import patchcore_fast  # noqa: E402
+from baselines import authors_coreset, cdist_topk, matmul_min  # noqa: E402
+from patchcore_fast.coreset import mean_start_distances, random_projection  # noqa: E402
+from patchcore_fast.reference import knn_reference  # noqa: E402
+from workloads import W1  # noqa: E402
+
+
+def cuda_time(fn, reps, warmup=1):
+    """Median seconds of `fn` by CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings():
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    copy_s = cuda_time(lambda: y.copy_(x), 10)
+    a = torch.randn(8192, 8192, device="cuda")
+    b = torch.randn(8192, 8192, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    mm_s = cuda_time(lambda: a @ b, 5)
+    return {"copy_bytes_per_s": 2 * x.numel() / copy_s, "fp32_flops_per_s": 2 * 8192**3 / mm_s}
+
+
+def greedy_check(space, picks, initial):
+    """Fraction of picks that are the farthest point (float64, 1e-5 relative slack)."""
+    x = space.double()
+    min_d = initial.double().clone()
+    good = 0
+    for pick in picks.tolist():
+        good += bool(min_d[pick] >= min_d.max() * (1 - 1e-5))
+        min_d = torch.minimum(min_d, (x - x[pick]).norm(dim=1))
+        min_d[pick] = -1
+    return good / len(picks)
+
+
+def main():
+    out_dir = Path(sys.argv[1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build": patchcore_fast.build_info()}
+    info["ceilings"] = ceil = ceilings()
+    w = W1
+    train, test = w.features("cuda"), w.test_features("cuda")
+    bank = train[: w.bank_rows].contiguous()
+    results, checks = [], {}
+
+    def add(step, impl, seconds, baseline=None, flops=None, bytes_=None):
+        floor = max(flops / ceil["fp32_flops_per_s"] if flops else 0.0, bytes_ / ceil["copy_bytes_per_s"] if bytes_ else 0.0)
+        row = {"workload": w.name, "step": step, "impl": impl, "median_s": seconds}
+        if baseline:
+            row["ratio_to_baseline"] = baseline / seconds
+        if floor:
+            row["floor_s"] = floor
+            row["over_floor"] = seconds / floor
+        results.append(row)
+        print(f"{step:28s} {impl:16s} {seconds * 1e3:10.2f} ms" + (f"  x{baseline / seconds:7.1f} vs baseline" if baseline else "")
+              + (f"  floor {floor * 1e3:.2f} ms" if floor else ""), flush=True)
+
+    # --- coreset 10 %, 128-d projection -------------------------------------------------------
+    g = torch.Generator().manual_seed(0)
+    space = train @ random_projection(w.dim, 128, g).cuda().T
+    initial = mean_start_distances(space, 10, g)
+    ours = patchcore_fast.greedy_coreset(train, w.ratio)
+    ref = authors_coreset(train, w.ratio)
+    same = (ours == ref)
+    first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else len(ours)
+    checks["coreset_10pct_128d"] = {
+        "n": len(ours), "identical_to_reference": bool(same.all()), "first_difference": first_diff,
+        "fraction_positions_equal": same.float().mean().item(),
+        "greedy_valid_fraction": greedy_check(space, ours, initial),
+    }
+    print("coreset check", checks["coreset_10pct_128d"], flush=True)
+    steps = w.bank_rows
+    coreset_flops = 3.0 * steps * w.rows * 128  # subtract, multiply, add per element per step
+    base = cuda_time(lambda: authors_coreset(train, w.ratio), 2)
+    add("coreset_10pct_128d", "authors_loop", base)
+    add("coreset_10pct_128d", "patchcore_fast", cuda_time(lambda: patchcore_fast.greedy_coreset(train, w.ratio), 10),
+        base, flops=coreset_flops, bytes_=w.rows * w.dim * 4)
+    kernel_only = cuda_time(lambda: patchcore_fast._extension._C.greedy_coreset(space, initial, steps), 10)
+    add("coreset_10pct_128d_kernel", "patchcore_fast", kernel_only, base, flops=coreset_flops)
+
+    # --- coreset 1 %, exact 1024-d ------------------------------------------------------------
+    n_exact = int(w.rows * 0.01)
+    ours_exact = patchcore_fast.greedy_coreset(train, 0.01, projection_dim=None)
+    ref_exact = authors_coreset(train, 0.01, projection_dim=None)
+    checks["coreset_1pct_exact"] = {"identical_to_reference": bool((ours_exact == ref_exact).all()),
+                                    "fraction_positions_equal": (ours_exact == ref_exact).float().mean().item()}
+    print("exact coreset check", checks["coreset_1pct_exact"], flush=True)
+    base = cuda_time(lambda: authors_coreset(train, 0.01, projection_dim=None), 2)
+    add("coreset_1pct_exact", "authors_loop", base)
+    add("coreset_1pct_exact", "patchcore_fast",
+        cuda_time(lambda: patchcore_fast.greedy_coreset(train, 0.01, projection_dim=None), 5), base,
+        flops=3.0 * n_exact * w.rows * w.dim, bytes_=w.rows * w.dim * 4)
+
+    # --- knn ------------------------------------------------------------------------------------
+    knn_flops = 2.0 * w.queries * w.bank_rows * w.dim
+    knn_bytes = (w.queries + w.bank_rows) * w.dim * 4
+    for k in (1, 9):
+        d, i = patchcore_fast.knn(test, bank, k)
+        rd, ri = knn_reference(test, bank, k)
+        rel = ((d - rd).abs() / rd.clamp_min(1e-12)).max().item()
+        checks[f"knn_k{k}"] = {"indices_equal_fraction": (i == ri).float().mean().item(), "max_rel_distance_error": rel}
+        print(f"knn k={k} check", checks[f"knn_k{k}"], flush=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    patchcore_fast.knn(test, bank, 1)
+    torch.cuda.synchronize()
+    checks["knn_extra_peak_bytes"] = torch.cuda.max_memory_allocated() - before
+
+    base = cuda_time(lambda: matmul_min(test, bank), 10)
+    add("knn_k1", "matmul_min_fp32", base)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    add("knn_k1", "matmul_min_tf32", cuda_time(lambda: matmul_min(test, bank), 10), base)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    add("knn_k1", "patchcore_fast", cuda_time(lambda: patchcore_fast.knn(test, bank, 1), 20), base,
+        flops=knn_flops, bytes_=knn_bytes)
+    base = cuda_time(lambda: cdist_topk(test, bank, 9), 5)
+    add("knn_k9", "cdist_topk", base)
+    add("knn_k9", "patchcore_fast", cuda_time(lambda: patchcore_fast.knn(test, bank, 9), 20), base,
+        flops=knn_flops, bytes_=knn_bytes)
+
+    report = {"info": info, "checks": checks, "results": results}
+    if len(sys.argv) > 2 and Path(sys.argv[2]).exists():
+        bench = json.loads(Path(sys.argv[2]).read_text())
+        report["pytest_benchmark"] = [
+            {"name": b["name"], "group": b["group"], "median_s": b["stats"]["median"]} for b in bench["benchmarks"]
+        ]
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(checks, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On a machine with a GPU: build the extension, run the CUDA tests, run the GPU benchmarks,
+# and write OUTDIR/results.json (see gpu_report.py). Usage: bash benchmarks/gpu_suite.sh OUTDIR
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+echo "== build"
+$py -m pip install --no-build-isolation --no-deps --no-index -v . \
+  -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C build-dir=/tmp/patchcore_build >"$out/build.log" 2>&1 \
+  || { tail -40 "$out/build.log"; exit 1; }
+grep -E "ptxas info *: Used|spill" "$out/build.log" | sort -u | tail -12
+$py -c "import patchcore_fast, json; print(json.dumps(patchcore_fast.build_info()))"
+
+echo "== tests"
+(cd /tmp && $py -m pytest "$OLDPWD/tests" -q -x -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -5)
+
+echo "== pytest-benchmark (GPU)"
+(cd /tmp && $py -m pytest "$OLDPWD/benchmarks" -q -k cuda -p no:cacheprovider \
+  --benchmark-json="$out/bench.json" --benchmark-columns=median,min,max,rounds 2>&1 | tee "$out/bench.log" | tail -25)
+
+echo "== report"
+$py benchmarks/gpu_report.py "$out" "$out/bench.json" 2>&1 | tee "$out/report.log"
