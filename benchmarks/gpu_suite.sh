@@ -24,3 +24,12 @@ echo "== pytest-benchmark (GPU)"
 
 echo "== report"
 $py benchmarks/gpu_report.py "$out" "$out/bench.json" 2>&1 | tee "$out/report.log"
+
+if [ -n "${NCU:-}" ]; then
+  echo "== Nsight Compute: knn kernel"
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 180 "$ncu_bin" --clock-control none -k regex:knn_tiles -c 1 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
+    $py benchmarks/ncu_knn.py >"$out/ncu_knn.txt" 2>&1
+  grep -E "Duration|Throughput|Occupancy|Stall|Issue|Registers|Executed Ipc|Block Limit" "$out/ncu_knn.txt" | head -40
+fi

@@ -6,13 +6,15 @@
 // (distance, lowest index) key. Blocks combine keys with one 64-bit atomicMax and a
 // grid-wide barrier; every block then reads the winner. No host synchronisation.
 //
-// The pass reads an fp16 copy of the rows, cached in shared memory as far as it fits,
+// Each row's running minimum lives in shared memory. The pass reads an fp16 copy of the
+// rows, cached in shared memory as far as it fits,
 // and falls back to the float32 row only when the fp16 distance cannot rule out an
 // update (half_bound.h): the picks equal an all-float32 pass.
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <string>
 
 #include "check.cuh"
 #include "greedy_coreset_cuda.cuh"
@@ -92,33 +94,59 @@ struct Params {
   int64_t rows, dim, padded_dim, n, rows_per_block, cached_rows;
 };
 
+// Per-lane part of |h/scale - c|^2 * scale^2 for one fp16 row (shared or global memory).
+__device__ __forceinline__ float partial_squared(const __half* row, const float* centre_scaled, int64_t padded_dim,
+                                                 int lane) {
+  float acc = 0.f;
+  for (int64_t j = lane * kHalvesPerLoad; j < padded_dim; j += kRowAlign) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(row + j);
+    const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float2 f = __half22float2(h2[u]);
+      const float d0 = f.x - centre_scaled[j + 2 * u];
+      const float d1 = f.y - centre_scaled[j + 2 * u + 1];
+      acc = fmaf(d0, d0, acc);
+      acc = fmaf(d1, d1, acc);
+    }
+  }
+  return acc;
+}
+
 __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
   cg::grid_group grid = cg::this_grid();
   extern __shared__ __align__(16) unsigned char smem[];
   float* centre = reinterpret_cast<float*>(smem);             // padded_dim, exact
   float* centre_scaled = centre + p.padded_dim;               // padded_dim, times scale
   auto* scratch = reinterpret_cast<unsigned long long*>(centre_scaled + p.padded_dim);  // 32
-  __half* cache = reinterpret_cast<__half*>(scratch + 32);    // cached_rows * padded_dim
+  float* slice_min = reinterpret_cast<float*>(scratch + 32);  // rows_per_block: running minimum
+  float* slice_residual = slice_min + p.rows_per_block;       // rows_per_block
+  __half* cache = reinterpret_cast<__half*>(slice_residual + p.rows_per_block);  // cached_rows * padded_dim
 
   const float scale = half_bound::scale_for(*p.max_abs);
   const float rounding = half_bound::relative_rounding(p.padded_dim);
   const int64_t lo = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
-  const int64_t hi = min(p.rows, lo + p.rows_per_block);
-  const int64_t cached = hi > lo ? (hi - lo < p.cached_rows ? hi - lo : p.cached_rows) : 0;
+  const int64_t count = lo < p.rows ? min(p.rows - lo, p.rows_per_block) : 0;  // rows of this block
+  const int64_t cached = count < p.cached_rows ? count : p.cached_rows;
 
-  {  // Cache the first rows of this block's slice in shared memory.
+  {  // The slice's state lives in shared memory for the whole run.
     const uint4* src = reinterpret_cast<const uint4*>(p.half_rows + lo * p.padded_dim);
     uint4* dst = reinterpret_cast<uint4*>(cache);
-    const int64_t count = cached * p.padded_dim / kHalvesPerLoad;
-    for (int64_t t = threadIdx.x; t < count; t += kThreads) dst[t] = src[t];
+    const int64_t vectors = cached * p.padded_dim / kHalvesPerLoad;
+    for (int64_t t = threadIdx.x; t < vectors; t += kThreads) dst[t] = src[t];
+    for (int64_t t = threadIdx.x; t < count; t += kThreads) {
+      slice_min[t] = p.min_distance[lo + t];
+      slice_residual[t] = p.residual[lo + t];
+    }
   }
+  __syncthreads();
 
   const int group = threadIdx.x / kGroup;
   const int lane = threadIdx.x % kGroup;
   const unsigned group_mask = 0xFFu << ((threadIdx.x & 31) & ~(kGroup - 1));
 
   unsigned long long best = 0ull;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) best = max(best, pack(p.min_distance[i], i));
+  for (int64_t t = threadIdx.x; t < count; t += kThreads) best = max(best, pack(slice_min[t], lo + t));
   best = block_max(best, scratch);
   if (threadIdx.x == 0) atomicMax(&p.keys[0], best);
 
@@ -138,31 +166,15 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
     }
     __syncthreads();
 
-    best = 0ull;
-    for (int64_t i = lo + group; i < hi; i += kGroupsPerBlock) {
-      const int64_t local = i - lo;
-      const __half* row = local < cached ? cache + local * p.padded_dim : p.half_rows + i * p.padded_dim;
-      float acc = 0.f;
-      for (int64_t j = lane * kHalvesPerLoad; j < p.padded_dim; j += kRowAlign) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(row + j);
-        const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const float2 f = __half22float2(h2[u]);
-          const float d0 = f.x - centre_scaled[j + 2 * u];
-          const float d1 = f.y - centre_scaled[j + 2 * u + 1];
-          acc = fmaf(d0, d0, acc);
-          acc = fmaf(d1, d1, acc);
-        }
-      }
-      acc = group_sum(acc, group_mask);
-
-      float m = p.min_distance[i];
+    // Lowers one row's minimum given its approximate squared distance (group-uniform).
+    auto update = [&](int64_t local, float approx_squared) {
+      const int64_t i = lo + local;
+      float m = slice_min[local];
       bool changed = false;
       if (i == pick) {
         m = kSelected;
         changed = true;
-      } else if (!half_bound::cannot_lower(sqrtf(acc) / scale, p.residual[i], m, rounding)) {
+      } else if (!half_bound::cannot_lower(sqrtf(approx_squared) / scale, slice_residual[local], m, rounding)) {
         float exact = 0.f;
         for (int64_t j = lane; j < p.dim; j += kGroup) {
           const float d = p.x[i * p.dim + j] - centre[j];
@@ -174,12 +186,34 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
           changed = true;
         }
       }
-      if (changed && lane == 0) p.min_distance[i] = m;
+      if (changed && lane == 0) slice_min[local] = m;
       best = max(best, pack(m, i));
+    };
+
+    best = 0ull;
+    // Two rows per group per iteration: two independent load-and-reduce chains in flight.
+    for (int64_t first = group; first < count; first += 2 * kGroupsPerBlock) {
+      const int64_t second = first + kGroupsPerBlock;
+      const bool has_second = second < count;
+      const __half* row0 = first < cached ? cache + first * p.padded_dim : p.half_rows + (lo + first) * p.padded_dim;
+      float a0 = partial_squared(row0, centre_scaled, p.padded_dim, lane);
+      float a1 = 0.f;
+      if (has_second) {
+        const __half* row1 =
+            second < cached ? cache + second * p.padded_dim : p.half_rows + (lo + second) * p.padded_dim;
+        a1 = partial_squared(row1, centre_scaled, p.padded_dim, lane);
+      }
+      a0 = group_sum(a0, group_mask);
+      a1 = group_sum(a1, group_mask);
+      update(first, a0);
+      if (has_second) update(second, a1);
     }
     best = block_max(best, scratch);
     if (threadIdx.x == 0) atomicMax(&p.keys[(step + 1) % 3], best);
   }
+
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < count; t += kThreads) p.min_distance[lo + t] = slice_min[t];
 }
 
 }  // namespace
@@ -205,11 +239,14 @@ void greedy_coreset_launch(const float* x, int64_t rows, int64_t dim, float* min
   PATCHCORE_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   if (!cooperative) throw std::runtime_error("patchcore_fast: this GPU cannot launch cooperative kernels");
 
-  const int64_t fixed_bytes = 2 * padded_dim * sizeof(float) + 32 * sizeof(unsigned long long);
-  if (fixed_bytes > smem_optin) throw std::runtime_error("patchcore_fast: feature dimension too large for the GPU coreset kernel");
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(sms, (rows + kGroupsPerBlock - 1) / kGroupsPerBlock));
   Params p{x, half_rows, residual, min_distance, out, keys, max_abs, rows, dim, padded_dim, n, 0, 0};
   p.rows_per_block = (rows + blocks - 1) / blocks;
+  // Centre (exact and scaled), reduction scratch, and each row's minimum and residual.
+  const int64_t fixed_bytes = 2 * padded_dim * static_cast<int64_t>(sizeof(float)) + 32 * 8 + p.rows_per_block * 8;
+  if (fixed_bytes > smem_optin)
+    throw std::invalid_argument("patchcore_fast: " + std::to_string(rows) + " rows of dim " + std::to_string(dim) +
+                                " exceed the GPU coreset kernel's shared memory; use the CPU or fewer rows");
   const int64_t row_bytes = padded_dim * static_cast<int64_t>(sizeof(__half));
   p.cached_rows = std::min<int64_t>(p.rows_per_block, (smem_optin - fixed_bytes) / row_bytes);
   const size_t smem = static_cast<size_t>(fixed_bytes + p.cached_rows * row_bytes);
