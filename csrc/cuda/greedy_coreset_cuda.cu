@@ -92,6 +92,8 @@ struct Params {
   unsigned long long* keys;  // three rotating slots: step t's winner lives in keys[t % 3]
   const float* max_abs;
   int64_t rows, dim, padded_dim, n, rows_per_block, cached_rows;
+  int64_t slice_stride;  // rows_per_block rounded up to 4, keeping the row cache 16-byte aligned
+  bool vector_rows;      // float32 rows can be read as float4
 };
 
 // Per-lane part of |h/scale - c|^2 * scale^2 for one fp16 row (shared or global memory).
@@ -120,8 +122,8 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
   float* centre_scaled = centre + p.padded_dim;               // padded_dim, times scale
   auto* scratch = reinterpret_cast<unsigned long long*>(centre_scaled + p.padded_dim);  // 32
   float* slice_min = reinterpret_cast<float*>(scratch + 32);  // rows_per_block: running minimum
-  float* slice_residual = slice_min + p.rows_per_block;       // rows_per_block
-  __half* cache = reinterpret_cast<__half*>(slice_residual + p.rows_per_block);  // cached_rows * padded_dim
+  float* slice_residual = slice_min + p.slice_stride;         // rows_per_block
+  __half* cache = reinterpret_cast<__half*>(slice_residual + p.slice_stride);  // cached_rows * padded_dim
 
   const float scale = half_bound::scale_for(*p.max_abs);
   const float rounding = half_bound::relative_rounding(p.padded_dim);
@@ -175,10 +177,27 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
         m = kSelected;
         changed = true;
       } else if (!half_bound::cannot_lower(sqrtf(approx_squared) / scale, slice_residual[local], m, rounding)) {
+        // The float32 row comes from device memory: issue its loads together (float4 where
+        // possible), since any block waiting here holds up the whole step.
         float exact = 0.f;
-        for (int64_t j = lane; j < p.dim; j += kGroup) {
-          const float d = p.x[i * p.dim + j] - centre[j];
-          exact = fmaf(d, d, exact);
+        if (p.vector_rows) {
+          const float4* row = reinterpret_cast<const float4*>(p.x + i * p.dim);
+#pragma unroll 4
+          for (int64_t j = lane; j < p.dim / 4; j += kGroup) {
+            const float4 v = __ldg(row + j);
+            const float d0 = v.x - centre[4 * j], d1 = v.y - centre[4 * j + 1];
+            const float d2 = v.z - centre[4 * j + 2], d3 = v.w - centre[4 * j + 3];
+            exact = fmaf(d0, d0, exact);
+            exact = fmaf(d1, d1, exact);
+            exact = fmaf(d2, d2, exact);
+            exact = fmaf(d3, d3, exact);
+          }
+        } else {
+#pragma unroll 4
+          for (int64_t j = lane; j < p.dim; j += kGroup) {
+            const float d = __ldg(p.x + i * p.dim + j) - centre[j];
+            exact = fmaf(d, d, exact);
+          }
         }
         exact = sqrtf(group_sum(exact, group_mask));
         if (exact < m) {
@@ -240,10 +259,12 @@ void greedy_coreset_launch(const float* x, int64_t rows, int64_t dim, float* min
   if (!cooperative) throw std::runtime_error("patchcore_fast: this GPU cannot launch cooperative kernels");
 
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(sms, (rows + kGroupsPerBlock - 1) / kGroupsPerBlock));
-  Params p{x, half_rows, residual, min_distance, out, keys, max_abs, rows, dim, padded_dim, n, 0, 0};
+  Params p{x, half_rows, residual, min_distance, out, keys, max_abs, rows, dim, padded_dim, n, 0, 0, 0, false};
   p.rows_per_block = (rows + blocks - 1) / blocks;
+  p.slice_stride = (p.rows_per_block + 3) / 4 * 4;
+  p.vector_rows = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   // Centre (exact and scaled), reduction scratch, and each row's minimum and residual.
-  const int64_t fixed_bytes = 2 * padded_dim * static_cast<int64_t>(sizeof(float)) + 32 * 8 + p.rows_per_block * 8;
+  const int64_t fixed_bytes = 2 * padded_dim * static_cast<int64_t>(sizeof(float)) + 32 * 8 + p.slice_stride * 8;
   if (fixed_bytes > smem_optin)
     throw std::invalid_argument("patchcore_fast: " + std::to_string(rows) + " rows of dim " + std::to_string(dim) +
                                 " exceed the GPU coreset kernel's shared memory; use the CPU or fewer rows");
