@@ -27,13 +27,15 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features_in, const at::Tensor& 
   at::Tensor min_distance = initial.contiguous().clone();
   at::Tensor out = at::empty({n}, features.options().dtype(at::kLong));
   at::Tensor half_rows = at::empty({rows * cuda::coreset_padded_dim(dim)}, features.options().dtype(at::kHalf));
+  at::Tensor half_norm_sq = at::empty({rows}, features.options());
   at::Tensor residual = at::empty({rows}, features.options());
-  at::Tensor keys = at::zeros({3}, features.options().dtype(at::kLong));
+  at::Tensor sync_words = at::zeros({6}, features.options().dtype(at::kLong));  // 3 keys, 3 arrival counters
   at::Tensor max_abs = at::linalg_vector_norm(features, std::numeric_limits<double>::infinity());
 
   cuda::greedy_coreset_launch(features.data_ptr<float>(), rows, dim, min_distance.data_ptr<float>(), n,
                               out.data_ptr<int64_t>(), reinterpret_cast<__half*>(half_rows.data_ptr<at::Half>()),
-                              residual.data_ptr<float>(), reinterpret_cast<unsigned long long*>(keys.data_ptr<int64_t>()),
+                              half_norm_sq.data_ptr<float>(), residual.data_ptr<float>(),
+                              reinterpret_cast<unsigned long long*>(sync_words.data_ptr<int64_t>()),
                               max_abs.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   return out;
 }

@@ -36,6 +36,15 @@ PATCHCORE_HD float scale_for(float max_abs) {
 // Relative error bound of a float32 sum of `dim` squares, plus its square root, with margin.
 PATCHCORE_HD float relative_rounding(int64_t dim) { return static_cast<float>(dim + 4) * 1.1920929e-7f; }
 
+// Lower bound on |h - c'| (scaled units) from the expanded form |h|^2 + |c'|^2 - 2 h.c', whose
+// three float32 sums of `dim` products each err by at most (dim + 1) u times their terms'
+// magnitudes; together less than `rounding` * (|h| + |c'|)^2, taken twice for margin.
+PATCHCORE_HD float expanded_lower(float h_norm_sq, float c_norm_sq, float dot, float rounding) {
+  const float approx = h_norm_sq + c_norm_sq - 2.f * dot;
+  const float spread = sqrtf(h_norm_sq) + sqrtf(c_norm_sq);
+  return sqrtf(fmaxf(approx - 2.f * rounding * spread * spread, 0.f));
+}
+
 // True when |x - c| >= current for certain, given a = |h/scale - c| and residual r.
 PATCHCORE_HD bool cannot_lower(float approx, float residual, float current, float rounding) {
   const float lower = (approx * (1.f - rounding) - residual) * (1.f - rounding);
