@@ -20,7 +20,7 @@
 
 #include "check.cuh"
 #include "greedy_coreset_cuda.cuh"
-#include "half_bound.h"
+#include "../half_bound.h"
 
 namespace patchcore::cuda {
 namespace {

@@ -1,4 +1,4 @@
-// Used by the CUDA coreset kernel (plain C++, no torch): the rules that
+// Shared by the CPU and CUDA coreset kernels (plain C++, no torch): the rules that
 // let a greedy step read a float16 copy of the rows and still give float32-exact results.
 //
 // Each row x is stored as h = fp16(x * scale), with `scale` a power of two that keeps
@@ -49,6 +49,17 @@ PATCHCORE_HD float expanded_lower(float h_norm_sq, float c_norm_sq, float dot, f
 PATCHCORE_HD bool cannot_lower(float approx, float residual, float current, float rounding) {
   const float lower = (approx * (1.f - rounding) - residual) * (1.f - rounding);
   return lower >= current;
+}
+
+// The same test as cannot_lower, moved onto the squared scaled fp16 distance so that a
+// row costs one comparison: the row cannot be lowered when |h - c*scale|^2 >= the
+// returned threshold. Computed in double and rounded down; picked rows (current < 0)
+// get 0, so they are always skipped.
+inline float skip_threshold_squared(float current, float residual, float rounding, float scale) {
+  if (current < 0.f) return 0.f;
+  const double keep = 1.0 - static_cast<double>(rounding);
+  const double bound = (static_cast<double>(current) / keep + residual) / keep * scale;
+  return static_cast<float>(bound * bound * (1.0 + 1e-6));
 }
 
 }  // namespace patchcore::half_bound
