@@ -14,5 +14,5 @@ def test_coreset_10pct_projected(workload, timed, benchmark, impl):
     if impl == "patchcore_fast":
         picks = timed(device, patchcore_fast.greedy_coreset, 5, train, w.ratio)
     else:
-        picks = timed(device, authors_coreset, 1 if device.type == "cpu" else 2, train, w.ratio)
+        picks = timed(device, authors_coreset, 3 if device.type == "cpu" else 2, train, w.ratio)
     assert len(picks) == w.bank_rows
