@@ -1,8 +1,10 @@
 """patchcore_fast: PatchCore anomaly detection with fused C++/CUDA coreset and kNN kernels."""
 
-from ._extension import build_info
-from .coreset import greedy_coreset
-from .knn import knn
-
-__all__ = ["build_info", "greedy_coreset", "knn"]
 __version__ = "0.1.0"
+
+from ._extension import build_info  # noqa: E402
+from .coreset import greedy_coreset  # noqa: E402
+from .knn import knn  # noqa: E402
+from .model import PatchCore, Prediction  # noqa: E402
+
+__all__ = ["PatchCore", "Prediction", "build_info", "greedy_coreset", "knn"]

@@ -1,0 +1,234 @@
+"""Images in: files, folders, PIL images, tensors or DataLoaders, turned into batches of
+[B, 3, S, S] float tensors in [0, 1] with the authors' transform (resize the short side, centre
+crop); and the MVTec AD folder layout with its ground-truth masks."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageReadError(ValueError):
+    """An input file could not be read as an image."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    resize: int = 256
+    crop: int = 224
+
+    def __post_init__(self):
+        if self.crop < 1 or self.resize < self.crop:
+            raise ValueError(f"need 1 <= image_size <= resize, got image_size={self.crop}, resize={self.resize}")
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        img = _to_rgb(img).resize(self._size(img.size), Image.BILINEAR)
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return self._crop(arr.float() / 255.0)
+
+    def mask(self, mask: Image.Image) -> torch.Tensor:
+        """Binary [S, S] bool mask, transformed like its image (bilinear resize, crop, > 0.5)."""
+        m = mask.convert("L").resize(self._size(mask.size), Image.BILINEAR)
+        arr = torch.from_numpy(np.asarray(m, dtype=np.uint8).copy()).float() / 255.0
+        return self._crop(arr[None])[0] > 0.5
+
+    def tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] floats in [0, 1] (or [B, 1, H, W] grey) -> [B, 3, S, S]."""
+        if batch.dim() == 3:
+            batch = batch[None]
+        if batch.dim() != 4 or batch.shape[1] not in (1, 3, 4):
+            raise ValueError(f"image tensors must be [B, 3, H, W], got shape {tuple(batch.shape)}")
+        if not batch.is_floating_point():
+            raise TypeError(f"image tensors must be floats in [0, 1], got {batch.dtype}")
+        batch = batch[:, :3] if batch.shape[1] == 4 else batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+        h, w = batch.shape[-2:]
+        if (h, w) != (self.crop, self.crop):
+            nw, nh = self._size((w, h))
+            batch = F.interpolate(batch.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+            batch = self._crop(batch)
+        return batch.float()
+
+    def _size(self, wh):
+        """(width, height) with the short side at `resize`, as torchvision's Resize(int) rounds."""
+        w, h = wh
+        if w <= h:
+            return self.resize, int(self.resize * h / w)
+        return int(self.resize * w / h), self.resize
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        top, left = int(round((h - self.crop) / 2.0)), int(round((w - self.crop) / 2.0))
+        return x[..., top : top + self.crop, left : left + self.crop]
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+        background = Image.new("RGB", img.size, (0, 0, 0))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        return background
+    return img.convert("RGB")
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every visible file in `folder` (sorted); unreadable ones are reported when read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _expand(data) -> list:
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if path.is_dir():
+            files = image_files(path)
+            if not files:
+                raise ValueError(f"folder {path} holds no images")
+            return files
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        return [path]
+    if isinstance(data, Image.Image):
+        return [data]
+    return list(data)
+
+
+def iter_batches(data, transform: Transform, batch_size: int, skip_bad: bool = False) -> Iterator[torch.Tensor]:
+    """Batches [b, 3, S, S] from a folder, a file, a list of paths or PIL images, a tensor batch,
+    or an iterable of tensors / (tensor, ...) tuples / {"image": tensor} dicts (a DataLoader).
+    Unreadable files raise ImageReadError naming the file, or are skipped with a warning when
+    `skip_bad`."""
+    if isinstance(data, torch.Tensor):
+        batch = transform.tensor(data)
+        for start in range(0, len(batch), batch_size):
+            yield batch[start : start + batch_size]
+        return
+    if not isinstance(data, (str, Path, Image.Image, list, tuple)):  # a DataLoader or other iterable
+        for item in data:
+            if isinstance(item, dict):
+                item = item["image"]
+            elif isinstance(item, (tuple, list)):
+                item = item[0]
+            yield transform.tensor(item)
+        return
+    pending: list[torch.Tensor] = []
+    for item in _expand(data):
+        if isinstance(item, torch.Tensor):
+            pending.extend(transform.tensor(item))
+        else:
+            try:
+                img = item if isinstance(item, Image.Image) else open_image(Path(item))
+            except ImageReadError as error:
+                if not skip_bad:
+                    raise
+                warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
+                continue
+            pending.append(transform.image(img))
+        while len(pending) >= batch_size:
+            yield torch.stack(pending[:batch_size])
+            pending = pending[batch_size:]
+    if pending:
+        yield torch.stack(pending)
+
+
+def count_images(data) -> int | None:
+    """Number of images `data` will give, when known without reading them."""
+    if isinstance(data, torch.Tensor):
+        return 1 if data.dim() == 3 else len(data)
+    if isinstance(data, (str, Path, Image.Image, list, tuple)):
+        return sum(1 if not isinstance(x, torch.Tensor) else (1 if x.dim() == 3 else len(x)) for x in _expand(data))
+    dataset = getattr(data, "dataset", None)
+    return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+
+
+@dataclass(frozen=True)
+class TestImage:
+    path: Path
+    defect: str          # "good" or the defect type
+    mask_path: Path | None  # None for good images, and for defects whose masks are missing
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.defect != "good"
+
+
+@dataclass(frozen=True)
+class MVTecCategory:
+    """One category in the MVTec AD layout: <root>/<category>/train/good, test/<defect>,
+    ground_truth/<defect>/<name>_mask.png."""
+
+    root: Path
+    name: str
+    train: list[Path]
+    test: list[TestImage]
+
+    @classmethod
+    def open(cls, root, category: str) -> "MVTecCategory":
+        base = Path(root) / category
+        if not base.is_dir():
+            raise FileNotFoundError(f"no category folder {base}")
+        train = image_files(base / "train" / "good")
+        if not train:
+            raise ValueError(f"training folder {base / 'train' / 'good'} is empty")
+        test = []
+        test_root = base / "test"
+        if not test_root.is_dir():
+            raise FileNotFoundError(f"no test folder {test_root}")
+        for defect_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            missing = 0
+            for path in image_files(defect_dir):
+                mask = None
+                if defect != "good":
+                    candidate = base / "ground_truth" / defect / f"{path.stem}_mask.png"
+                    if candidate.is_file():
+                        mask = candidate
+                    else:
+                        missing += 1
+                test.append(TestImage(path, defect, mask))
+            if missing:
+                warnings.warn(f"{missing} image(s) in {defect_dir} have no mask; pixel metrics leave them out",
+                              RuntimeWarning, stacklevel=2)
+        if not test:
+            raise ValueError(f"test folder {test_root} holds no images")
+        return cls(Path(root), category, train, test)
+
+    @staticmethod
+    def categories(root) -> list[str]:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no such folder: {root}")
+        return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+
+
+def load_mask(item: TestImage, transform: Transform) -> torch.Tensor | None:
+    """The item's binary mask on the model's grid: all False for good images, None when missing.
+    A mask whose size differs from its image is first resized to it, with a warning."""
+    if not item.is_anomalous:
+        return torch.zeros(transform.crop, transform.crop, dtype=torch.bool)
+    if item.mask_path is None:
+        return None
+    mask = open_image(item.mask_path)
+    with Image.open(item.path) as img:
+        size = img.size
+    if mask.size != size:
+        warnings.warn(f"mask {item.mask_path} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}; "
+                      "resized to the image", RuntimeWarning, stacklevel=2)
+        mask = mask.convert("L").resize(size, Image.NEAREST)
+    return transform.mask(mask)
