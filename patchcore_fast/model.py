@@ -35,7 +35,8 @@ class PatchCore:
     features, a 10 % greedy coreset on a 128-d random projection, nearest-neighbour squared L2
     scores, image score = largest patch score, maps upsampled and smoothed with sigma 4.
     `reweight=True` applies the paper's Eq. 7 to image scores (not in the authors' code).
-    `half_precision=True` runs the backbone in bfloat16 with channels_last on CUDA.
+    `half_precision=True` runs the backbone in bfloat16 (channels_last on CUDA); patch features,
+    the coreset and the scores stay float32.
     """
 
     def __init__(self, backbone: str = "wide_resnet50_2", layers=None, coreset_ratio: float = 0.1,
@@ -59,11 +60,13 @@ class PatchCore:
         self.batch_size = batch_size
         self.progress = progress
         self.skip_bad_images = skip_bad_images
-        self.half_precision = half_precision and self.device.type == "cuda"
+        self.half_precision = bool(half_precision)
         self.extractor = _extractor or load_backbone(backbone, layers, weights, image_size, seed)
         self.extractor = self.extractor.to(self.device)
         if self.half_precision:
-            self.extractor = self.extractor.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+            self.extractor = self.extractor.to(dtype=torch.bfloat16)
+            if self.device.type == "cuda":
+                self.extractor = self.extractor.to(memory_format=torch.channels_last)
         self.memory_bank: torch.Tensor | None = None
         self.grid: tuple[int, int] | None = None
 
@@ -72,7 +75,9 @@ class PatchCore:
         """[B, 3, S, S] in [0, 1] -> patch features [B, h * w, embed_dim] (float32)."""
         images = images.to(self.device, non_blocking=True)
         if self.half_precision:
-            images = images.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            images = images.to(torch.bfloat16)
+            if self.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
         features, grid = patch_embedding(self.extractor(images), self.settings["embed_dim"])
         self.grid = grid
         return features.reshape(len(images), grid[0] * grid[1], -1)
