@@ -1,62 +1,172 @@
-"""Command line: `patchcore-fast demo` times the kernels against their references on random data."""
+"""patchcore-fast: fit, predict, evaluate and the offline demo from the command line."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from . import build_info, greedy_coreset, knn
-from .coreset import mean_start_distances, random_projection
-from .reference import greedy_coreset_reference, knn_reference
+
+def _layers(values):
+    return None if not values else tuple(int(v) if v.isdigit() else v for v in values)
 
 
-def _timed(fn, device):
+def _model_args(args) -> dict:
+    return dict(backbone=args.backbone, layers=_layers(args.layers), image_size=args.image_size,
+                resize=args.resize, device=args.device, weights=args.weights)
+
+
+def cmd_fit(args) -> None:
+    from .data import MVTecCategory
+    from .model import PatchCore
+
+    data = MVTecCategory.open(args.root, args.category)
+    model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args)).fit(data.train)
+    model.save(args.out)
+    print(f"saved {args.out}: memory bank {tuple(model.memory_bank.shape)} from {len(data.train)} images")
+
+
+def _mask_for(path: Path):
+    """The MVTec AD ground-truth mask of an image at <cat>/test/<defect>/<name>, if there is one."""
+    candidate = path.parent.parent.parent / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+    return candidate if path.parent.parent.name == "test" and candidate.is_file() else None
+
+
+def cmd_predict(args) -> None:
+    from .data import TestImage, image_files, iter_batches, load_mask
+    from .model import PatchCore
+    from .overlay import save_overlay
+
+    model = PatchCore.load(args.model, device=args.device, progress=not args.quiet)
+    paths = []
+    for item in args.images:
+        p = Path(item)
+        if p.is_dir():
+            paths += image_files(p)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    if not paths:
+        raise ValueError("no images to score")
+    pred = model.predict(paths)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "score"])
+        for path, score in zip(paths, pred.scores.tolist()):
+            writer.writerow([str(path), f"{score:.6f}"])
+    low, high = float(pred.maps.min()), float(pred.maps.max())
+    index = 0
+    for batch in iter_batches(paths, model.transform, model.batch_size):
+        for image in batch:
+            path = paths[index]
+            mask_path = _mask_for(path)
+            mask = load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None
+            save_overlay(out / f"{index:04d}_{path.stem}.png", image, pred.maps[index], low, high, mask)
+            index += 1
+    print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate
+
+    _, _, tables = evaluate(args.root, args.out, categories=args.categories, ratios=args.ratios,
+                            progress=not args.quiet, **_model_args(args))
+    print(tables)
+    print(f"results: {Path(args.out) / 'results.csv'}, timings: {Path(args.out) / 'timings.csv'}")
+
+
+def cmd_demo(args) -> None:
+    from . import synthetic
+    from .evaluate import evaluate
+
     start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    root = synthetic.dataset(args.seed, args.data)
+    print(f"synthetic dataset (seed {args.seed}): {root}")
+    out = Path(args.out)
+    _, _, tables = evaluate(root, out, ratios=args.ratios, progress=not args.quiet, backbone="efficientnet_lite0",
+                            device=args.device)
+    print(tables)
+    print(f"results: {out / 'results.csv'}, timings: {out / 'timings.csv'}")
+    print(f"overlays: {out / 'overlays'}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
 
 
-def demo(train_images: int, test_images: int, device: torch.device) -> None:
-    """One small category's worth of random 1024-d patch features (784 per image)."""
-    print(f"build: {build_info()}")
-    g = torch.Generator().manual_seed(0)
-    train = torch.randn(train_images * 784, 1024, generator=g).abs_().to(device)
-    test = torch.randn(test_images * 784, 1024, generator=g).abs_().to(device)
-    print(f"device {device}: {len(train)} training patches, {len(test)} test patches, dim 1024")
+def cmd_kernels(args) -> None:
+    from .kernel_demo import demo
 
-    picks, ours = _timed(lambda: greedy_coreset(train, 0.1), device)
-    gen = torch.Generator().manual_seed(0)
-    space = train @ random_projection(1024, 128, gen).to(device).T
-    initial = mean_start_distances(space, 10, gen)
-    ref_picks, ref = _timed(lambda: greedy_coreset_reference(space, initial, len(picks)), device)
-    same = (picks == ref_picks).float().mean().item()
-    print(f"coreset 10% (128-d): patchcore_fast {ours * 1e3:8.1f} ms | authors' loop {ref * 1e3:8.1f} ms "
-          f"| x{ref / ours:.1f} | same picks at {same:.1%} of positions")
+    demo(args.train_images, args.test_images, torch.device(args.device))
 
-    bank = train[picks]
-    (d, i), ours = _timed(lambda: knn(test, bank, 1), device)
-    (rd, ri), ref = _timed(lambda: knn_reference(test, bank, 1), device)
-    print(f"knn k=1:             patchcore_fast {ours * 1e3:8.1f} ms | torch brute force {ref * 1e3:8.1f} ms "
-          f"| x{ref / ours:.1f} | same neighbour for {(i == ri).float().mean().item():.2%} of queries")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchcore-fast", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p, ratio=True):
+        p.add_argument("--backbone", default="wide_resnet50_2")
+        p.add_argument("--layers", nargs="+", help="layer names or numbers (default: layer2 layer3)")
+        if ratio:
+            p.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
+        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--resize", type=int, default=256)
+        p.add_argument("--device", default=None)
+        p.add_argument("--weights", default=None, help="backbone weights file (default: ImageNet)")
+
+    p = sub.add_parser("fit", help="fit on ROOT/CATEGORY/train/good and save the model")
+    p.add_argument("root")
+    p.add_argument("--category", required=True)
+    p.add_argument("--out", required=True)
+    model_options(p)
+    p.set_defaults(run=cmd_fit)
+
+    p = sub.add_parser("predict", help="score images with a saved model")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="predictions")
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="fit and evaluate MVTec AD-layout categories")
+    p.add_argument("root")
+    p.add_argument("--categories", nargs="+")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.1])
+    p.add_argument("--out", required=True)
+    model_options(p, ratio=False)
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the offline demo: synthetic defects on real textures, EfficientNet-Lite0")
+    p.add_argument("--out", default="demo-results")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="where to keep the generated dataset (default: a cache folder)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.1])
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("kernels", help="time the coreset and knn kernels against the references on random data")
+    p.add_argument("--train-images", type=int, default=40)
+    p.add_argument("--test-images", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(run=cmd_kernels)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="patchcore-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="time the kernels against the references on random features")
-    p_demo.add_argument("--train-images", type=int, default=40)
-    p_demo.add_argument("--test-images", type=int, default=20)
-    p_demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.train_images < 1 or args.test_images < 1:
-            parser.error("--train-images and --test-images must be >= 1")
-        demo(args.train_images, args.test_images, torch.device(args.device))
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"patchcore-fast: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

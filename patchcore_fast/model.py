@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,21 @@ FORMAT_VERSION = 1
 class Prediction:
     scores: torch.Tensor  # [B] image anomaly scores
     maps: torch.Tensor    # [B, image_size, image_size] pixel anomaly scores
+
+
+class _StageTimer:
+    """Adds the wall time of a `with` block to timings[stage], waiting for GPU work inside it."""
+
+    def __init__(self, timings, stage, device):
+        self.timings, self.stage, self.device = timings, stage, device
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[self.stage] += time.perf_counter() - self.start
 
 
 class PatchCore:
@@ -69,6 +86,8 @@ class PatchCore:
                 self.extractor = self.extractor.to(memory_format=torch.channels_last)
         self.memory_bank: torch.Tensor | None = None
         self.grid: tuple[int, int] | None = None
+        #: Seconds spent per stage (features, coreset, search, maps), accumulated over calls.
+        self.timings: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ features
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,55 +107,85 @@ class PatchCore:
         return tqdm(batches, desc=desc, total=None if total is None else -(-total // self.batch_size),
                     disable=not self.progress, unit="batch")
 
+    def _timed(self, stage: str):
+        return _StageTimer(self.timings, stage, self.device)
+
+    @torch.no_grad()
+    def extract(self, data, desc: str = "features") -> torch.Tensor:
+        """Patch features [images, patches, embed_dim] of images in any accepted form. When the number
+        of images is known up front, they are written into one preallocated tensor."""
+        total = count_images(data)
+        out, chunks, filled = None, [], 0
+        with self._timed("features"):
+            for batch in self._batches(data, desc):
+                features = self.embed(batch)
+                if total is not None:
+                    if out is None:
+                        out = torch.empty(total, *features.shape[1:], device=self.device)
+                    out[filled : filled + len(features)] = features
+                else:
+                    chunks.append(features)
+                filled += len(features)
+        if filled == 0:
+            raise ValueError("no images")
+        return out[:filled] if out is not None else torch.cat(chunks)
+
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
     def fit(self, data) -> "PatchCore":
         """Build the memory bank from defect-free images (folder, paths, PIL images, tensor, DataLoader)."""
-        total = count_images(data)
-        bank = None  # all patch features; filled in place when the image count is known
-        chunks, filled = [], 0
-        for batch in self._batches(data, "features"):
-            features = self.embed(batch).reshape(-1, self.settings["embed_dim"])
-            if total is not None:
-                if bank is None:
-                    bank = torch.empty(total * features.shape[0] // len(batch), features.shape[1], device=self.device)
-                bank[filled : filled + len(features)] = features
-            else:
-                chunks.append(features)
-            filled += len(features)
-        if filled == 0:
-            raise ValueError("no training images")
-        bank = bank[:filled] if bank is not None else torch.cat(chunks)
-        del chunks
-        with tqdm(total=1, desc="coreset", disable=not self.progress) as bar:
-            picks = greedy_coreset(bank, self.settings["coreset_ratio"], projection_dim=self.settings["projection_dim"],
-                                   seed=self.settings["seed"])
+        return self.fit_features(self.extract(data))
+
+    @torch.no_grad()
+    def fit_features(self, features: torch.Tensor) -> "PatchCore":
+        """Build the memory bank from patch features [images, patches, dim] (or [rows, dim])."""
+        features = features.reshape(-1, features.shape[-1])
+        with self._timed("coreset"), tqdm(total=1, desc="coreset", disable=not self.progress) as bar:
+            picks = greedy_coreset(features, self.settings["coreset_ratio"],
+                                   projection_dim=self.settings["projection_dim"], seed=self.settings["seed"])
             bar.update()
-        self.memory_bank = bank[picks].contiguous()
+        self.memory_bank = features[picks].contiguous()
         return self
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
     def predict(self, data) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts."""
-        if self.memory_bank is None:
-            raise RuntimeError("fit() or PatchCore.load() first: the model has no memory bank")
+        self._check_fitted()
+        parts = []
+        for batch in self._batches(data, "scoring"):
+            with self._timed("features"):
+                features = self.embed(batch)
+            parts.append(self.score(features))
+        if not parts:
+            raise ValueError("no images to score")
+        return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]))
+
+    @torch.no_grad()
+    def score(self, features: torch.Tensor, batch_size: int = 64) -> Prediction:
+        """Scores and maps (on the CPU) for patch features [images, patches, dim] from `extract`."""
+        self._check_fitted()
         scores, maps = [], []
         k = min(self.settings["num_neighbors"], len(self.memory_bank))
-        for batch in self._batches(data, "scoring"):
-            features = self.embed(batch)
-            b, patches, dim = features.shape
-            distances, indices = knn(features.reshape(-1, dim), self.memory_bank, k)
-            patch_scores = distances.mean(dim=1).reshape(b, patches)  # the authors average over k
-            image_scores, worst = patch_scores.max(dim=1)
-            if self.settings["reweight"]:
-                rows = torch.arange(b, device=features.device)
-                image_scores = image_scores * self._reweight(features[rows, worst], indices.reshape(b, patches, k)[rows, worst, 0])
+        for start in range(0, len(features), batch_size):
+            chunk = features[start : start + batch_size].to(self.device)
+            b, patches, dim = chunk.shape
+            with self._timed("search"):
+                distances, indices = knn(chunk.reshape(-1, dim), self.memory_bank, k)
+                patch_scores = distances.mean(dim=1).reshape(b, patches)  # the authors average over k
+                image_scores, worst = patch_scores.max(dim=1)
+                if self.settings["reweight"]:
+                    rows = torch.arange(b, device=chunk.device)
+                    nearest = indices.reshape(b, patches, k)[rows, worst, 0]
+                    image_scores = image_scores * self._reweight(chunk[rows, worst], nearest)
+            with self._timed("maps"):
+                maps.append(anomaly_maps(patch_scores.reshape(b, *self.grid), self.settings["image_size"]).cpu())
             scores.append(image_scores.cpu())
-            maps.append(anomaly_maps(patch_scores.reshape(b, *self.grid), self.settings["image_size"]).cpu())
-        if not scores:
-            raise ValueError("no images to score")
         return Prediction(torch.cat(scores), torch.cat(maps))
+
+    def _check_fitted(self):
+        if self.memory_bank is None:
+            raise RuntimeError("fit() or PatchCore.load() first: the model has no memory bank")
 
     def _reweight(self, worst_features: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """Eq. 7: 1 - softmax over the L2 distances from the worst patch to the b bank neighbours of its

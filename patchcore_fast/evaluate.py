@@ -1,0 +1,132 @@
+"""Fit and evaluate PatchCore on MVTec AD-layout categories; results in the paper's layout."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .data import MVTecCategory, iter_batches, load_mask
+from .model import PatchCore
+from .overlay import save_overlay
+
+METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro", "PRO"))
+STAGES = ("features", "coreset", "search", "maps", "metrics")
+
+
+def method_name(ratio: float) -> str:
+    return f"PatchCore-{ratio * 100:g}"
+
+
+def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, progress: bool = True,
+                      **model_args) -> tuple[list[dict], list[dict]]:
+    """Fit each coreset ratio on train/good and score test/*. Features are extracted once and shared
+    by the ratios. Returns result rows (metrics in percent) and timing rows (seconds per stage)."""
+    data = MVTecCategory.open(root, category)
+    model = PatchCore(coreset_ratio=ratios[0], progress=progress, **model_args)
+    train = model.extract(data.train, desc=f"{category} train features")
+    test = model.extract([item.path for item in data.test], desc=f"{category} test features")
+    feature_seconds = model.timings["features"]
+    labels = torch.tensor([item.is_anomalous for item in data.test])
+    masks = [load_mask(item, model.transform) for item in data.test]
+    with_mask = [i for i, m in enumerate(masks) if m is not None]
+    has_defect_masks = any(masks[i].any() for i in with_mask)
+
+    results, timings = [], []
+    for n, ratio in enumerate(ratios):
+        model.settings["coreset_ratio"] = ratio
+        model.timings.clear()
+        model.fit_features(train)
+        pred = model.score(test)
+        start = time.perf_counter()
+        row = {"method": method_name(ratio), "category": category,
+               "image_auroc": 100 * metrics.auroc(pred.scores, labels)}
+        if has_defect_masks:
+            maps = pred.maps[with_mask]
+            gt = torch.stack([masks[i] for i in with_mask])
+            row["pixel_auroc"] = 100 * metrics.pixel_auroc(maps, gt)
+            row["pro"] = 100 * metrics.pro(maps, gt)
+        else:  # no ground truth: image metrics only
+            row["pixel_auroc"] = row["pro"] = math.nan
+        metric_seconds = time.perf_counter() - start
+        results.append(row)
+        timings.append({"method": row["method"], "category": category,
+                        "features": feature_seconds if n == 0 else 0.0, "coreset": model.timings["coreset"],
+                        "search": model.timings["search"], "maps": model.timings["maps"], "metrics": metric_seconds})
+        if out_dir is not None and n == 0:
+            write_overlays(out_dir / "overlays" / category, model, data, pred, masks)
+    return results, timings
+
+
+def write_overlays(folder: Path, model: PatchCore, data: MVTecCategory, pred, masks) -> None:
+    low, high = float(pred.maps.min()), float(pred.maps.max())  # one scale per category
+    images = iter_batches([item.path for item in data.test], model.transform, model.batch_size)
+    index = 0
+    for batch in images:
+        for image in batch:
+            item = data.test[index]
+            save_overlay(folder / f"{item.defect}_{item.path.stem}.png", image, pred.maps[index], low, high,
+                         masks[index] if item.is_anomalous else None)
+            index += 1
+
+
+def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = True, **model_args):
+    """Evaluate every category (all found under root by default); writes results.csv, tables.md
+    and timings.csv to out_dir and returns (results, timings, tables)."""
+    root, out_dir = Path(root), Path(out_dir)
+    categories = list(categories or MVTecCategory.categories(root))
+    if not categories:
+        raise FileNotFoundError(f"no categories (folders with train/good) under {root}")
+    ratios = [float(r) for r in ratios]
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise ValueError(f"coreset ratios must be in (0, 1], got {r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, timings = [], []
+    for category in tqdm(categories, desc="categories", disable=not progress):
+        r, t = evaluate_category(root, category, ratios, out_dir, progress=progress, **model_args)
+        results += r
+        timings += t
+    write_csv(out_dir / "results.csv", results, ["method", "category", "image_auroc", "pixel_auroc", "pro"])
+    write_csv(out_dir / "timings.csv", timings, ["method", "category", *STAGES])
+    tables = markdown_tables(results)
+    (out_dir / "tables.md").write_text(tables)
+    return results, timings, tables
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row[c]) for c in columns])
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4f}"
+    return value
+
+
+def markdown_tables(results: list[dict]) -> str:
+    """One table per metric, the paper's layout: rows = method, columns = Avg then one per category."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    categories = list(dict.fromkeys(r["category"] for r in results))
+    by_key = {(r["method"], r["category"]): r for r in results}
+    parts = []
+    for key, title in METRICS:
+        lines = [f"### {title}", "", "| Method | Avg | " + " | ".join(categories) + " |",
+                 "|---" * (len(categories) + 2) + "|"]
+        for method in methods:
+            values = [by_key[(method, c)][key] if (method, c) in by_key else math.nan for c in categories]
+            finite = [v for v in values if not math.isnan(v)]
+            avg = sum(finite) / len(finite) if finite else math.nan
+            cells = ["-" if math.isnan(v) else f"{v:.1f}" for v in [avg, *values]]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,38 @@
+"""Anomaly-map overlays: a heat map blended over the image, the ground-truth contour on top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """A blue-cyan-yellow-red ramp for values in [0, 1] -> [..., 3] floats in [0, 1]."""
+    v = np.clip(values, 0, 1)[..., None]
+    stops = np.array([[0.0, 0.0, 0.5], [0.0, 0.6, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    pos = v * (len(stops) - 1)
+    low = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
+    frac = pos - low
+    return stops[low[..., 0]] * (1 - frac) + stops[low[..., 0] + 1] * frac
+
+
+def contour(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` that touch a pixel outside it (4-neighbourhood)."""
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low: float, high: float,
+                 mask: torch.Tensor | None = None) -> None:
+    """image [3, S, S] in [0, 1]; the map is scaled from [low, high] to the colour ramp."""
+    rgb = image.permute(1, 2, 0).cpu().numpy()
+    heat = heat_colours((anomaly_map.cpu().numpy() - low) / max(high - low, 1e-12))
+    out = 0.5 * rgb + 0.5 * heat
+    if mask is not None:
+        out[contour(mask.cpu().numpy().astype(bool))] = (0.0, 1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((out * 255).round().astype(np.uint8)).save(path)

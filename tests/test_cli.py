@@ -1,0 +1,71 @@
+"""The command line: evaluate, fit, predict, demo, and its error handling."""
+
+import csv
+
+import pytest
+
+from patchcore_fast import synthetic
+from patchcore_fast.cli import main
+
+SMALL = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--resize", "64", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("data") / "synthetic", seed=1, train=4, test_good=2, per_defect=1)
+
+
+def test_evaluate_writes_results_tables_and_timings(dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["--quiet", "evaluate", str(dataset), "--categories", "brick", "grass", "--ratios", "0.25", "0.1",
+                 "--out", str(out), *SMALL]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["method"], r["category"]) for r in rows] == [
+        ("PatchCore-25", "brick"), ("PatchCore-10", "brick"), ("PatchCore-25", "grass"), ("PatchCore-10", "grass")]
+    assert all(0 <= float(r[k]) <= 100 for r in rows for k in ("image_auroc", "pixel_auroc", "pro"))
+    timings = list(csv.DictReader(open(out / "timings.csv")))
+    assert set(timings[0]) == {"method", "category", "features", "coreset", "search", "maps", "metrics"}
+    tables = (out / "tables.md").read_text()
+    assert "| Method | Avg | brick | grass |" in tables and tables.count("PatchCore-25") == 3
+    assert "### PRO" in capsys.readouterr().out
+    assert len(list((out / "overlays" / "brick").glob("*.png"))) == 6
+
+
+def test_fit_then_predict(dataset, tmp_path):
+    model = tmp_path / "brick.pcf"
+    assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(model), *SMALL]) == 0
+    out = tmp_path / "pred"
+    test = dataset / "brick" / "test"
+    assert main(["--quiet", "predict", str(model), str(test / "good"), str(test / "hole" / "000.png"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 3 and all(float(r["score"]) > 0 for r in rows)
+    assert len(list(out.glob("*.png"))) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "/no/such/folder", "--out", "x"], "no such folder"),
+    (["fit", "/no/such/folder", "--category", "c", "--out", "m.pcf"], "no category folder"),
+    (["predict", "/no/such/model.pcf", "img.png"], "no model file"),
+])
+def test_user_errors_exit_2_with_one_line(argv, message, capsys):
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_backbone_and_debug(dataset, capsys):
+    argv = ["--quiet", "fit", str(dataset), "--category", "brick", "--out", "m.pcf", "--backbone", "nonet"]
+    assert main(argv) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown backbone"):
+        main(["--debug", *argv[1:]])
+
+
+def test_generated_dataset_is_deterministic(tmp_path):
+    a = synthetic.generate(tmp_path / "a", seed=3, train=2, test_good=1, per_defect=1)
+    b = synthetic.generate(tmp_path / "b", seed=3, train=2, test_good=1, per_defect=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert {p.name for p in (a / "gravel" / "ground_truth").iterdir()} == set(synthetic.DEFECTS)
