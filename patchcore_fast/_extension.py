@@ -40,6 +40,9 @@ def _check_cuda_matches_torch() -> None:
 
 _check_cuda_matches_torch()
 
+#: Largest k the fused CUDA knn kernel keeps per query (0 without CUDA kernels).
+CUDA_MAX_K = _C.build_info()["cuda_max_k"] if _C is not None else 0
+
 
 def compiled(device: torch.device) -> bool:
     """Whether the compiled kernels can run on `device`; warns once when they are missing."""

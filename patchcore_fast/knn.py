@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from ._extension import _C, compiled
+from ._extension import CUDA_MAX_K, _C, compiled
 from .reference.knn import knn_reference
 
 #: Largest number of query x bank distances the CPU kernel holds at once (64 MiB of float32).
@@ -32,7 +32,7 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: in
     tile_elems = _checks.integer(tile_elems, "tile_elems", 1)
 
     if compiled(queries.device):
-        if queries.device.type != "cuda" or k <= _C.build_info()["cuda_max_k"]:
+        if queries.device.type != "cuda" or k <= CUDA_MAX_K:
             return _C.knn(queries, bank, k, tile_elems)
     # Pure torch: no extension, or more neighbours than the fused CUDA kernel keeps.
     return knn_reference(queries, bank, k, chunk_elems=tile_elems)
