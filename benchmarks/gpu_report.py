@@ -18,6 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import patchcore_fast  # noqa: E402
+from patchcore_fast import metrics  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 from baselines import authors_coreset, cdist_topk, matmul_min  # noqa: E402
 from patchcore_fast.coreset import mean_start_distances, random_projection  # noqa: E402
 from patchcore_fast.reference import knn_reference  # noqa: E402
@@ -37,6 +39,19 @@ def cuda_time(fn, reps, warmup=1):
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+def metric_inputs(device, n=100, size=224):
+    """Maps [n, size, size] and masks with a few rectangular defects in the second half."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    for m in masks[n // 2 :]:
+        for _ in range(3):
+            y, x = torch.randint(0, size - 24, (2,), generator=g).tolist()
+            h, w = torch.randint(4, 24, (2,), generator=g).tolist()
+            m[y : y + h, x : x + w] = True
+    maps = torch.rand(n, size, size, generator=g) + 0.5 * masks
+    return maps.to(device), masks.to(device)
 
 
 def ceilings():
@@ -148,6 +163,13 @@ def main():
     add("knn_k9", "cdist_topk", base)
     add("knn_k9", "patchcore_fast", cuda_time(lambda: patchcore_fast.knn(test, bank, 9), 20), base,
         flops=knn_flops, bytes_=knn_bytes)
+
+    # --- metrics on 5 M pixels (100 maps of 224 x 224) ---------------------------------------
+    maps, masks = metric_inputs("cuda")
+    expected = roc_auc_score(masks.cpu().numpy().ravel(), maps.cpu().numpy().ravel())
+    checks["pixel_auroc_minus_sklearn"] = metrics.pixel_auroc(maps, masks) - expected
+    add("pixel_auroc_5M", "patchcore_fast", cuda_time(lambda: metrics.pixel_auroc(maps, masks), 10))
+    add("pro_5M", "patchcore_fast", cuda_time(lambda: metrics.pro(maps, masks), 5))
 
     report = {"info": info, "checks": checks, "results": results}
     if len(sys.argv) > 2 and Path(sys.argv[2]).exists():
