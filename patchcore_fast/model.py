@@ -101,8 +101,7 @@ class PatchCore:
         self.grid = grid
         return features.reshape(len(images), grid[0] * grid[1], -1)
 
-    def _batches(self, data, desc):
-        total = count_images(data)
+    def _batches(self, data, desc, total=None):
         batches = iter_batches(data, self.transform, self.batch_size, self.skip_bad_images)
         return tqdm(batches, desc=desc, total=None if total is None else -(-total // self.batch_size),
                     disable=not self.progress, unit="batch")
@@ -117,7 +116,7 @@ class PatchCore:
         total = count_images(data)
         out, chunks, filled = None, [], 0
         with self._timed("features"):
-            for batch in self._batches(data, desc):
+            for batch in self._batches(data, desc, total):
                 features = self.embed(batch)
                 if total is not None:
                     if out is None:
@@ -153,7 +152,7 @@ class PatchCore:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts."""
         self._check_fitted()
         parts = []
-        for batch in self._batches(data, "scoring"):
+        for batch in self._batches(data, "scoring", count_images(data)):
             with self._timed("features"):
                 features = self.embed(batch)
             parts.append(self.score(features))
