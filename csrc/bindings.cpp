@@ -10,7 +10,10 @@ void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK_VALUE(a.device() == b.device(), what, ": tensors are on different devices");
 }
 
-at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial, int64_t n) {
+at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial, int64_t n,
+                          const std::string& cuda_kernel) {
+  TORCH_CHECK_VALUE(cuda_kernel == "cached" || cuda_kernel == "resident",
+                    "greedy_coreset: cuda_kernel must be 'cached' or 'resident', got '", cuda_kernel, "'");
   TORCH_CHECK_VALUE(features.dim() == 2 && features.scalar_type() == at::kFloat,
                     "greedy_coreset: features must be a 2-D float32 tensor");
   TORCH_CHECK_VALUE(initial.dim() == 1 && initial.size(0) == features.size(0) &&
@@ -20,7 +23,9 @@ at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial,
   check_pair(features, initial, "greedy_coreset");
   if (features.is_cuda()) {
 #ifdef PATCHCORE_WITH_CUDA
-    return patchcore::greedy_coreset_cuda(features, initial, n);
+    return patchcore::greedy_coreset_cuda(
+        features, initial, n,
+        cuda_kernel == "resident" ? patchcore::CoresetKernel::kResident : patchcore::CoresetKernel::kCached);
 #else
     TORCH_CHECK(false, "greedy_coreset: this build of patchcore_fast has no CUDA kernels");
 #endif
@@ -80,6 +85,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "patchcore_fast compiled kernels (CPU, and CUDA when built with it)";
   m.def("greedy_coreset", &greedy_coreset, py::arg("features"), py::arg("initial_distances"), py::arg("n"),
+        py::arg("cuda_kernel") = "cached",
         "Greedy k-center indices (validated inputs; see patchcore_fast.greedy_coreset)");
   m.def("knn", &knn, py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("tile_elems"),
         "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn)");

@@ -19,7 +19,10 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::
                                            int64_t k, int64_t tile_elems);
 
 #ifdef PATCHCORE_WITH_CUDA
-at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& initial, int64_t n);
+// The two CUDA coreset kernels (same picks; see csrc/cuda/greedy_coreset_cuda.cuh).
+enum class CoresetKernel { kCached, kResident };
+at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& initial, int64_t n,
+                               CoresetKernel kernel);
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at::Tensor& bank, int64_t k);
 // Largest k the fused CUDA knn kernel keeps per query (one list slot per warp lane).
 constexpr int64_t kCudaKnnMaxK = 32;

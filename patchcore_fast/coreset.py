@@ -13,6 +13,13 @@ from ._extension import _C, compiled
 from .reference.coreset import greedy_coreset_reference, pairwise_l2
 
 
+# The CUDA kernel that runs the selection (both give the same picks): "cached", the one
+# measured on an H200 (benchmarks/NOTES.md), or "resident", which keeps a W1-sized
+# selection on chip and has not yet run on a GPU. benchmarks/gpu_report.py times both.
+CUDA_KERNELS = ("cached", "resident")
+CUDA_KERNEL = "cached"
+
+
 def random_projection(dim_in: int, dim_out: int, generator: torch.Generator) -> torch.Tensor:
     """Weights [dim_out, dim_in] of a freshly initialised bias-free nn.Linear, as the authors
     use: uniform in +-1/sqrt(dim_in) (kaiming_uniform with a = sqrt(5))."""
@@ -86,5 +93,5 @@ def greedy_coreset(
         initial = _checks.float_vector(initial_distances, "initial_distances", num_rows, features.device)
 
     if compiled(features.device):
-        return _C.greedy_coreset(space, initial, size)
+        return _C.greedy_coreset(space, initial, size, cuda_kernel=CUDA_KERNEL)
     return greedy_coreset_reference(space, initial, size)

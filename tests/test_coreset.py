@@ -9,6 +9,17 @@ from patchcore_fast.reference import greedy_coreset_reference, pairwise_l2
 
 from conftest import DEVICES, clustered_rows, integer_rows
 
+CORESET_DEVICES = ["cpu"] + [f"cuda:{kernel}" for kernel in patchcore_fast.coreset.CUDA_KERNELS if "cuda" in DEVICES]
+
+
+@pytest.fixture(params=CORESET_DEVICES)
+def device(request, monkeypatch):
+    """The CPU kernel, and each CUDA kernel when a GPU is present."""
+    name, _, kernel = request.param.partition(":")
+    if kernel:
+        monkeypatch.setattr(patchcore_fast.coreset, "CUDA_KERNEL", kernel)
+    return torch.device(name)
+
 
 def start(space, seed=0):
     return mean_start_distances(space, 10, torch.Generator().manual_seed(seed))
@@ -110,10 +121,34 @@ def test_any_strides(device):
 
 
 @pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")
-def test_cpu_and_cuda_agree():
+@pytest.mark.parametrize("kernel", patchcore_fast.coreset.CUDA_KERNELS)
+def test_cpu_and_cuda_agree(kernel, monkeypatch):
+    monkeypatch.setattr(patchcore_fast.coreset, "CUDA_KERNEL", kernel)
     x = torch.randn(20000, 1024, generator=torch.Generator().manual_seed(8))
     cpu = patchcore_fast.greedy_coreset(x, 0.1)
     gpu = patchcore_fast.greedy_coreset(x.cuda(), 0.1)
     # The projections come from different BLAS libraries, so a near-tie late in the run may
     # break differently; the start of the selection must coincide.
     assert torch.equal(cpu[:100], gpu[:100].cpu())
+
+
+@pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")
+@pytest.mark.parametrize("kernel", patchcore_fast.coreset.CUDA_KERNELS)
+@pytest.mark.parametrize("dim", [64, 128, 1024])
+def test_cuda_large_inputs_use_every_row_store(kernel, dim, monkeypatch):
+    """More rows per block than registers and shared memory hold, so rows come from
+    registers, shared memory and device memory in one selection."""
+    monkeypatch.setattr(patchcore_fast.coreset, "CUDA_KERNEL", kernel)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 1500 * sms + 7
+    g = torch.Generator(device="cuda").manual_seed(dim)
+    x = torch.randint(-4, 5, (rows, dim), generator=g, device="cuda").float()
+    initial = start(x)
+    ours = patchcore_fast.greedy_coreset(x, n=200, projection_dim=None, initial_distances=initial)
+    assert torch.equal(ours, greedy_coreset_reference(x, initial, 200))
+
+
+def test_unknown_cuda_kernel_is_refused():
+    x = torch.zeros(10, 4)
+    with pytest.raises(ValueError, match="cuda_kernel"):
+        patchcore_fast._extension._C.greedy_coreset(x, torch.zeros(10), 3, cuda_kernel="fastest")

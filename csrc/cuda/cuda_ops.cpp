@@ -17,12 +17,14 @@ static_assert(kCudaKnnMaxK == cuda::kKnnMaxK, "ops.h and knn_cuda.cuh disagree o
 
 int cuda_runtime_version() { return CUDART_VERSION; }
 
-at::Tensor greedy_coreset_cuda(const at::Tensor& features_in, const at::Tensor& initial, int64_t n) {
+at::Tensor greedy_coreset_cuda(const at::Tensor& features_in, const at::Tensor& initial, int64_t n,
+                               CoresetKernel kernel) {
   const c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor features = features_in.contiguous();
   const int64_t rows = features.size(0);
   const int64_t dim = features.size(1);
   TORCH_CHECK_VALUE(rows < std::numeric_limits<uint32_t>::max(), "greedy_coreset: too many rows for the CUDA kernel");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor min_distance = initial.contiguous().clone();
   at::Tensor out = at::empty({n}, features.options().dtype(at::kLong));
@@ -32,11 +34,24 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features_in, const at::Tensor& 
   at::Tensor sync_words = at::zeros({6}, features.options().dtype(at::kLong));  // 3 keys, 3 arrival counters
   at::Tensor max_abs = at::linalg_vector_norm(features, std::numeric_limits<double>::infinity());
 
-  cuda::greedy_coreset_launch(features.data_ptr<float>(), rows, dim, min_distance.data_ptr<float>(), n,
-                              out.data_ptr<int64_t>(), reinterpret_cast<__half*>(half_rows.data_ptr<at::Half>()),
-                              half_norm_sq.data_ptr<float>(), residual.data_ptr<float>(),
-                              reinterpret_cast<unsigned long long*>(sync_words.data_ptr<int64_t>()),
-                              max_abs.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  const float* x = features.data_ptr<float>();
+  auto* halves = reinterpret_cast<__half*>(half_rows.data_ptr<at::Half>());
+  auto* words = reinterpret_cast<unsigned long long*>(sync_words.data_ptr<int64_t>());
+  cuda::greedy_coreset_prepare(x, rows, dim, max_abs.data_ptr<float>(), halves, half_norm_sq.data_ptr<float>(),
+                               residual.data_ptr<float>(), stream);
+  if (kernel == CoresetKernel::kResident) {
+    const cuda::CoresetDevice device = cuda::coreset_device();
+    at::Tensor slots =
+        at::empty({cuda::coreset_resident_slot_halves(rows, dim, device)}, features.options().dtype(at::kHalf));
+    cuda::greedy_coreset_resident_launch(x, rows, dim, min_distance.data_ptr<float>(), n, out.data_ptr<int64_t>(),
+                                         halves, half_norm_sq.data_ptr<float>(), residual.data_ptr<float>(), words,
+                                         reinterpret_cast<__half*>(slots.data_ptr<at::Half>()),
+                                         max_abs.data_ptr<float>(), stream);
+  } else {
+    cuda::greedy_coreset_launch(x, rows, dim, min_distance.data_ptr<float>(), n, out.data_ptr<int64_t>(), halves,
+                                half_norm_sq.data_ptr<float>(), residual.data_ptr<float>(), words,
+                                max_abs.data_ptr<float>(), stream);
+  }
   return out;
 }
 

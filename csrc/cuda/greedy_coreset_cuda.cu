@@ -19,42 +19,19 @@
 #include <string>
 
 #include "check.cuh"
+#include "greedy_coreset_common.cuh"
 #include "greedy_coreset_cuda.cuh"
 #include "../half_bound.h"
 
 namespace patchcore::cuda {
 namespace {
 
-constexpr int kThreads = 512;
+using namespace coreset;
+
+constexpr int kThreads = kCoresetThreads;
 constexpr int kHalvesPerLoad = 8;   // one 16-byte load
 constexpr int kRowAlign = 64;       // fp16 rows padded to this many values
 constexpr int kCachePad = 8;        // extra halves per cached row: spreads rows over the banks
-constexpr float kSelected = -1.f;   // picked rows never win again
-constexpr long long kSpinLimit = 1ll << 26;  // a lost arrival traps instead of hanging
-
-// Key ordering = greedy ordering: larger distance first, then lower index.
-// Distances are >= 0 here, so their float bits order like unsigned integers.
-__device__ __forceinline__ unsigned long long pack(float value, int64_t index) {
-  if (value < 0.f) return 0ull;
-  return (static_cast<unsigned long long>(__float_as_uint(value)) << 32) |
-         static_cast<unsigned long long>(0xFFFFFFFFu - static_cast<uint32_t>(index));
-}
-__device__ __forceinline__ int64_t unpack_index(unsigned long long key) {
-  return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFull));
-}
-
-__device__ __forceinline__ unsigned long long block_max(unsigned long long key, unsigned long long* scratch) {
-  for (int offset = 16; offset > 0; offset >>= 1) key = max(key, __shfl_xor_sync(0xFFFFFFFFu, key, offset));
-  const int warp = threadIdx.x / 32;
-  if ((threadIdx.x & 31) == 0) scratch[warp] = key;
-  __syncthreads();
-  if (warp == 0) {
-    key = (threadIdx.x < kThreads / 32) ? scratch[threadIdx.x] : 0ull;
-    for (int offset = 16; offset > 0; offset >>= 1) key = max(key, __shfl_xor_sync(0xFFFFFFFFu, key, offset));
-  }
-  __syncthreads();  // scratch is reused by the next call
-  return key;       // valid in thread 0
-}
 
 // fp16 copy of each row scaled by a power of two, its squared norm (as the kernel will see
 // it) and its rounding residual. One warp per row.
@@ -92,28 +69,12 @@ struct Params {
   const float* residual;
   float* min_distance;
   int64_t* out;
-  unsigned long long* keys;  // three rotating slots: step t's winner lives in keys[t % 3]
-  unsigned* arrivals;        // three rotating counters of blocks that published their key
+  Barrier barrier;
   const float* max_abs;
   int64_t rows, dim, padded_dim, n, rows_per_block, cached_rows;
   int64_t slice_stride;  // rows_per_block rounded up to 4, keeping the row cache 16-byte aligned
   bool vector_rows;      // float32 rows can be read as float4
 };
-
-__device__ __forceinline__ void arrive(const Params& p, int64_t slot, unsigned long long key) {
-  atomicMax(&p.keys[slot], key);
-  ::cuda::atomic_ref<unsigned, ::cuda::thread_scope_device> count(p.arrivals[slot]);
-  count.fetch_add(1u, ::cuda::memory_order_release);
-}
-
-__device__ __forceinline__ unsigned long long wait_all(const Params& p, int64_t slot) {
-  ::cuda::atomic_ref<unsigned, ::cuda::thread_scope_device> count(p.arrivals[slot]);
-  long long spins = 0;
-  while (count.load(::cuda::memory_order_acquire) < gridDim.x)
-    if (++spins > kSpinLimit) __trap();
-  ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> key(p.keys[slot]);
-  return key.load(::cuda::memory_order_relaxed);
-}
 
 // Exact float32 squared distance between row i of x and the centre (in shared memory),
 // computed by the whole warp so that the row's loads leave together: the step waits for
@@ -177,20 +138,15 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
 
   unsigned long long best = 0ull;
   for (int64_t t = threadIdx.x; t < count; t += kThreads) best = max(best, pack(slice_min[t], lo + t));
-  best = block_max(best, scratch);
-  if (threadIdx.x == 0) arrive(p, 0, best);
+  best = block_max<kThreads>(best, scratch);
+  if (threadIdx.x == 0) arrive(p.barrier, 0, best);
 
   for (int64_t step = 0; step < p.n; ++step) {
     if (threadIdx.x == 0) {
-      shared_pick = unpack_index(wait_all(p, step % 3));
+      shared_pick = unpack_index(wait_all(p.barrier, step % 3));
       if (blockIdx.x == 0) {
         p.out[step] = shared_pick;
-        // Slot (step + 2) % 3 was last waited on one step ago by every block (all have
-        // arrived since); it is next written after this thread's next arrival.
-        ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device>(p.keys[(step + 2) % 3])
-            .store(0ull, ::cuda::memory_order_relaxed);
-        ::cuda::atomic_ref<unsigned, ::cuda::thread_scope_device>(p.arrivals[(step + 2) % 3])
-            .store(0u, ::cuda::memory_order_relaxed);
+        clear(p.barrier, (step + 2) % 3);
       }
     }
     __syncthreads();
@@ -262,8 +218,8 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
       }
       if (active) best = max(best, pack(m, i));
     }
-    best = block_max(best, scratch);
-    if (threadIdx.x == 0) arrive(p, (step + 1) % 3, best);
+    best = block_max<kThreads>(best, scratch);
+    if (threadIdx.x == 0) arrive(p.barrier, (step + 1) % 3, best);
   }
 
   __syncthreads();
@@ -274,29 +230,41 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
 
 int64_t coreset_padded_dim(int64_t dim) { return (dim + kRowAlign - 1) / kRowAlign * kRowAlign; }
 
-void greedy_coreset_launch(const float* x, int64_t rows, int64_t dim, float* min_distance, int64_t n,
-                           int64_t* out, __half* half_rows, float* half_norm_sq, float* residual,
-                           unsigned long long* sync_words, const float* max_abs, cudaStream_t stream) {
-  const int64_t padded_dim = coreset_padded_dim(dim);
-  {
-    const int threads = 256;
-    const int64_t blocks = (rows * 32 + threads - 1) / threads;
-    to_half_rows<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(x, rows, dim, padded_dim, max_abs,
-                                                                         half_rows, half_norm_sq, residual);
-    PATCHCORE_CUDA_CHECK(cudaGetLastError());
-  }
-
-  int device = 0, sms = 0, smem_optin = 0, cooperative = 0;
+CoresetDevice coreset_device() {
+  CoresetDevice d;
+  int device = 0, cooperative = 0;
   PATCHCORE_CUDA_CHECK(cudaGetDevice(&device));
-  PATCHCORE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  PATCHCORE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PATCHCORE_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+  PATCHCORE_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   PATCHCORE_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   if (!cooperative) throw std::runtime_error("patchcore_fast: this GPU cannot launch cooperative kernels");
+  return d;
+}
 
+int64_t coreset_blocks(int64_t rows, const CoresetDevice& device) {
   // One block per multiprocessor (all must be resident for the arrival counters), fewer for small inputs.
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(sms, (rows + kThreads - 1) / kThreads));
-  Params p{x, half_rows, half_norm_sq, residual, min_distance, out, sync_words,
-           reinterpret_cast<unsigned*>(sync_words + 3), max_abs, rows, dim, padded_dim, n, 0, 0, 0, false};
+  return std::max<int64_t>(1, std::min<int64_t>(device.sms, (rows + kCoresetThreads - 1) / kCoresetThreads));
+}
+
+void greedy_coreset_prepare(const float* x, int64_t rows, int64_t dim, const float* max_abs, __half* half_rows,
+                            float* half_norm_sq, float* residual, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t blocks = (rows * 32 + threads - 1) / threads;
+  to_half_rows<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(x, rows, dim, coreset_padded_dim(dim), max_abs,
+                                                                       half_rows, half_norm_sq, residual);
+  PATCHCORE_CUDA_CHECK(cudaGetLastError());
+}
+
+void greedy_coreset_launch(const float* x, int64_t rows, int64_t dim, float* min_distance, int64_t n,
+                           int64_t* out, const __half* half_rows, const float* half_norm_sq, const float* residual,
+                           unsigned long long* sync_words, const float* max_abs, cudaStream_t stream) {
+  const int64_t padded_dim = coreset_padded_dim(dim);
+  const CoresetDevice device = coreset_device();
+  const int64_t blocks = coreset_blocks(rows, device);
+  const int smem_optin = device.smem_optin;
+  Params p{x, half_rows, half_norm_sq, residual, min_distance, out,
+           Barrier{sync_words, reinterpret_cast<unsigned*>(sync_words + 3)}, max_abs, rows, dim, padded_dim, n, 0, 0, 0,
+           false};
   p.rows_per_block = (rows + blocks - 1) / blocks;
   p.slice_stride = (p.rows_per_block + 3) / 4 * 4;
   p.vector_rows = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
