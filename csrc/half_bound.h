@@ -8,6 +8,9 @@
 // rounding, is not below the row's current minimum, the exact float32 distance cannot
 // lower it and the row is skipped. Otherwise the exact distance is computed from x.
 // The skip never changes a result: the outputs equal an all-exact pass.
+// When the centre is itself an fp16 copy c_h (the CUDA resident kernel), a = |h - c_h| /
+// scale and the residual is r_x + r_c. The same quantities bound a row's distance from
+// above (|x - c| <= a + r), which tells whether an unsettled row could matter this step.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -43,6 +46,19 @@ PATCHCORE_HD float expanded_lower(float h_norm_sq, float c_norm_sq, float dot, f
   const float approx = h_norm_sq + c_norm_sq - 2.f * dot;
   const float spread = sqrtf(h_norm_sq) + sqrtf(c_norm_sq);
   return sqrtf(fmaxf(approx - 2.f * rounding * spread * spread, 0.f));
+}
+
+// Upper bound on |h - c'| (scaled units): the counterpart of expanded_lower.
+PATCHCORE_HD float expanded_upper(float h_norm_sq, float c_norm_sq, float dot, float rounding) {
+  const float approx = h_norm_sq + c_norm_sq - 2.f * dot;
+  const float spread = sqrtf(h_norm_sq) + sqrtf(c_norm_sq);
+  return sqrtf(fmaxf(approx + 2.f * rounding * spread * spread, 0.f));
+}
+
+// Upper bound on the float32 distance the exact path computes, given an upper bound `approx`
+// on |h/scale - c_h/scale| and the residuals r of both rows (|x - c| <= approx + r).
+PATCHCORE_HD float exact_at_most(float approx, float residual, float rounding) {
+  return (approx * (1.f + rounding) + residual) * (1.f + rounding) * (1.f + rounding);
 }
 
 // True when |x - c| >= current for certain, given a = |h/scale - c| and residual r.

@@ -7,8 +7,11 @@
 //     registers, 676 in shared memory) and a step reads no row from device memory.
 //     Wider rows are read by groups of 8 lanes, so loads from device memory coalesce.
 //  2. Rows the fp16 bound cannot settle are queued in shared memory during the pass and
-//     settled together afterwards, a warp per row: one device-memory round trip per
-//     block and step instead of one per row in a chain.
+//     settled together, a warp per row: one device-memory round trip per block and step
+//     instead of one per row in a chain. The fp16 copies also bound a queued row's exact
+//     distance from above; when no queued row could become the block's best (nearly
+//     always: they are the rows close to the new centre), the block arrives first and
+//     settles them while the other blocks arrive, off the step's critical path.
 //  3. Before arriving, each block writes the fp16 copy of its best row (with its norm and
 //     residual) to a slot; after the barrier every block reads the winner's slot, which
 //     sits in L2, instead of fetching the float32 row from device memory. The pass then
@@ -108,6 +111,8 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
   __shared__ int64_t shared_pick;
   __shared__ float shared_centre_norm_sq, shared_centre_residual;
   __shared__ int pending_count, shared_candidate;
+  __shared__ unsigned long long pending_key_bound;  // largest key a queued row could end with
+  __shared__ bool shared_settle_now;
 
   const int tid = threadIdx.x;
   const int64_t vectors = p.padded_dim / 8;  // 16-byte vectors per fp16 row
@@ -145,17 +150,43 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
     slice_residual[t] = p.residual[lo + t];
     slice_norm_sq[t] = p.half_norm_sq[lo + t];
   }
-  if (tid == 0) pending_count = 0;
+  if (tid == 0) {
+    pending_count = 0;
+    pending_key_bound = 0ull;
+  }
   __syncthreads();
+
+  // Exact phase: a warp per queued row, all `queued` rows of the block at once. Returns the
+  // largest key of this thread's settled rows.
+  auto settle_queued = [&](int queued, int64_t pick) {
+    unsigned long long key = 0ull;
+    for (int base = 0; base < queued; base += kThreads / 32) {  // uniform across the block
+      const int q = base + tid / 32, lane = tid & 31;
+      const int64_t local = q < queued ? pending[q] : 0;
+      float acc = q < queued ? exact_part(p, lo + local, pick, lane, 32) : 0.f;
+      for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
+      if (q < queued && lane == 0) {
+        float m = slice_min[local];
+        const float exact = sqrtf(acc);
+        if (exact < m) slice_min[local] = m = exact;
+        key = max(key, pack(m, lo + local));
+      }
+    }
+    return key;
+  };
 
   unsigned long long best = 0ull;
   for (int64_t t = tid; t < count; t += kThreads) best = max(best, pack(slice_min[t], lo + t));
   best = block_max<kThreads>(best, scratch);
+  if (tid == 0) shared_candidate = best ? static_cast<int>(unpack_index(best) - lo) : -1;
+  __syncthreads();
+  int queued = 0;              // rows left for the exact phase of the previous centre
+  int64_t previous_pick = -1;  // that centre
 
   for (int64_t step = 0; step < p.n; ++step) {
-    // Publish the block's best row in this step's slot, then arrive there with its key.
-    if (tid == 0) shared_candidate = best ? static_cast<int>(unpack_index(best) - lo) : -1;
-    __syncthreads();
+    // Publish the block's best row (shared_candidate) in this step's slot, arrive with its key,
+    // settle the queued rows that could not change the key while the other blocks arrive,
+    // then wait for the winner.
     const int candidate = shared_candidate;
     if (candidate >= 0) {
       uint4* dst = reinterpret_cast<uint4*>(p.slots + ((step % 3) * gridDim.x + blockIdx.x) * slot_stride);
@@ -175,8 +206,9 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
                make_float4(slice_norm_sq[candidate], slice_residual[candidate], 0.f, 0.f));
     }
     __syncthreads();  // the release in arrive() then covers the whole block's slot writes
+    if (tid == 0) arrive(p.barrier, step % 3, best);
+    if (queued > 0) settle_queued(queued, previous_pick);
     if (tid == 0) {
-      arrive(p.barrier, step % 3, best);
       shared_pick = unpack_index(wait_all(p.barrier, step % 3));
       if (blockIdx.x == 0) {
         p.out[step] = shared_pick;
@@ -212,7 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
     const float centre_residual = shared_centre_residual;
 
     best = 0ull;
-    // Settles row `local` if the fp16 bound allows, else queues it for the exact phase.
+    // Settles row `local` if the fp16 bound allows; else queues it for the exact phase and
+    // records the largest key it could end with.
     auto consider = [&](int64_t local, float dot) {
       float m = slice_min[local];
       if (m < 0.f) return;  // already selected
@@ -221,13 +254,16 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
         slice_min[local] = kSelected;
         return;
       }
-      const float lower =
-          half_bound::expanded_lower(slice_norm_sq[local], centre_norm_sq, dot, rounding) / scale;
-      if (half_bound::cannot_lower(lower, slice_residual[local] + centre_residual, m, rounding)) {
+      const float h_norm_sq = slice_norm_sq[local];
+      const float residual = slice_residual[local] + centre_residual;
+      const float lower = half_bound::expanded_lower(h_norm_sq, centre_norm_sq, dot, rounding) / scale;
+      if (half_bound::cannot_lower(lower, residual, m, rounding)) {
         best = max(best, pack(m, i));
         return;
       }
       pending[atomicAdd(&pending_count, 1)] = static_cast<int>(local);  // room for every row
+      const float upper = half_bound::expanded_upper(h_norm_sq, centre_norm_sq, dot, rounding) / scale;
+      atomicMax(&pending_key_bound, pack(fminf(m, half_bound::exact_at_most(upper, residual, rounding)), i));
     };
 
     if constexpr (kRegVecs > 0) {
@@ -268,22 +304,24 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
     }
     __syncthreads();
 
-    // Exact phase: a warp per queued row, all of the block's rows at once.
-    const int queued = pending_count;
-    for (int base = 0; base < queued; base += kThreads / 32) {  // uniform across the block
-      const int q = base + tid / 32, lane = tid & 31;
-      const int64_t local = q < queued ? pending[q] : 0;
-      float acc = q < queued ? exact_part(p, lo + local, pick, lane, 32) : 0.f;
-      for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
-      if (q < queued && lane == 0) {
-        float m = slice_min[local];
-        const float exact = sqrtf(acc);
-        if (exact < m) slice_min[local] = m = exact;
-        best = max(best, pack(m, lo + local));
-      }
+    // The key goes out before the queued rows are settled unless one of them could change it.
+    queued = pending_count;
+    const unsigned long long queued_bound = pending_key_bound;
+    best = block_max<kThreads>(best, scratch);  // its barriers also end the reads above
+    if (tid == 0) {
+      shared_settle_now = queued_bound > best;
+      pending_count = 0;
+      pending_key_bound = 0ull;
     }
-    best = block_max<kThreads>(best, scratch);  // its barriers also end the reads of pending_count
-    if (tid == 0) pending_count = 0;
+    __syncthreads();
+    if (shared_settle_now) {
+      const unsigned long long settled = settle_queued(queued, pick);
+      best = block_max<kThreads>(tid == 0 ? max(best, settled) : settled, scratch);
+      queued = 0;
+    }
+    previous_pick = pick;
+    if (tid == 0) shared_candidate = best ? static_cast<int>(unpack_index(best) - lo) : -1;
+    __syncthreads();
   }
 
   __syncthreads();
