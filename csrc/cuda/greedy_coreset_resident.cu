@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
         float dot0 = 0.f, dot1 = 0.f;
         if (local < count) {
           const uint4* row = row_of(local);
-#pragma unroll 4
+#pragma unroll 8  // 8 loads in flight per lane: enough bytes in flight to keep device memory busy
           for (int64_t v = sub; v < vectors; v += kGroup) accumulate(row[v], centre_scaled + 8 * v, dot0, dot1);
         }
         float dot = dot0 + dot1;
