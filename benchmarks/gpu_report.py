@@ -77,6 +77,20 @@ def greedy_check(space, picks, initial):
     return good / len(picks)
 
 
+def stage_breakdown(space, initial, steps, kernel_seconds):
+    """Where a step of the resident kernel goes: per stage, the mean over blocks of its share of
+    the block's cycles, and that share of the measured time per step (microseconds)."""
+    picks, cycles = patchcore_fast._extension._C.greedy_coreset_stages(space, initial, steps)
+    share = (cycles.double() / cycles.sum(dim=1, keepdim=True).double()).mean(dim=0)
+    step_us = kernel_seconds / steps * 1e6
+    names = ["publish", "arrive_and_settle", "wait", "centre", "pass", "reduce"]
+    out = {"step_us": step_us, "same_picks_as_plain_call": bool(torch.equal(
+        picks, patchcore_fast._extension._C.greedy_coreset(space, initial, steps, cuda_kernel="resident")))}
+    for name, s, worst in zip(names, share.tolist(), (cycles.double() / steps).max(dim=0).values.tolist()):
+        out[name] = {"share": s, "us": s * step_us, "max_block_cycles_per_step": worst}
+    return out
+
+
 def main():
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +205,9 @@ def main():
         add("coreset_1pct_exact", impl,
             cuda_time(lambda: patchcore_fast.greedy_coreset(train, 0.01, projection_dim=None), 5), base_exact,
             flops=3.0 * n_exact * w.rows * w.dim, bytes_=w.rows * w.dim * 4)
+        if kernel == "resident":
+            checks["coreset_resident_stages_10pct"] = stage_breakdown(space, initial, steps, kernel_only)
+            print("resident stages, 10 % 128-d:", checks["coreset_resident_stages_10pct"], flush=True)
         save()
     patchcore_fast.coreset.CUDA_KERNEL = "cached"
 

@@ -34,6 +34,21 @@ at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial,
   return patchcore::greedy_coreset_cpu(features, initial, n);
 }
 
+std::tuple<at::Tensor, at::Tensor> greedy_coreset_stages(const at::Tensor& features, const at::Tensor& initial,
+                                                         int64_t n) {
+  TORCH_CHECK_VALUE(features.is_cuda() && features.dim() == 2 && features.scalar_type() == at::kFloat,
+                    "greedy_coreset_stages: features must be a 2-D float32 CUDA tensor");
+  TORCH_CHECK_VALUE(initial.dim() == 1 && initial.size(0) == features.size(0) && initial.scalar_type() == at::kFloat,
+                    "greedy_coreset_stages: initial distances must be float32 of shape [N]");
+  TORCH_CHECK_VALUE(n >= 1 && n <= features.size(0), "greedy_coreset_stages: n must be in [1, N]");
+  check_pair(features, initial, "greedy_coreset_stages");
+#ifdef PATCHCORE_WITH_CUDA
+  return patchcore::greedy_coreset_cuda_stages(features, initial, n);
+#else
+  TORCH_CHECK(false, "greedy_coreset_stages: this build of patchcore_fast has no CUDA kernels");
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                                        int64_t tile_elems) {
   TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
@@ -87,6 +102,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("greedy_coreset", &greedy_coreset, py::arg("features"), py::arg("initial_distances"), py::arg("n"),
         py::arg("cuda_kernel") = "cached",
         "Greedy k-center indices (validated inputs; see patchcore_fast.greedy_coreset)");
+  m.def("greedy_coreset_stages", &greedy_coreset_stages, py::arg("features"), py::arg("initial_distances"),
+        py::arg("n"),
+        "The resident CUDA coreset kernel with each block's clock cycles per step stage (for benchmarks)");
   m.def("knn", &knn, py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("tile_elems"),
         "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn)");
   m.def("build_info", &build_info, "How this extension was built");

@@ -23,6 +23,10 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::
 enum class CoresetKernel { kCached, kResident };
 at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& initial, int64_t n,
                                CoresetKernel kernel);
+// The resident kernel, also returning each block's clock cycles per step stage [blocks, stages]
+// (publish, arrive and settle, wait, centre, pass, reduce; summed over the steps).
+std::tuple<at::Tensor, at::Tensor> greedy_coreset_cuda_stages(const at::Tensor& features, const at::Tensor& initial,
+                                                              int64_t n);
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at::Tensor& bank, int64_t k);
 // Largest k the fused CUDA knn kernel keeps per query (one list slot per warp lane).
 constexpr int64_t kCudaKnnMaxK = 32;

@@ -152,3 +152,13 @@ def test_unknown_cuda_kernel_is_refused():
     x = torch.zeros(10, 4)
     with pytest.raises(ValueError, match="cuda_kernel"):
         patchcore_fast._extension._C.greedy_coreset(x, torch.zeros(10), 3, cuda_kernel="fastest")
+
+
+@pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")
+def test_resident_stage_profile_keeps_the_picks():
+    """The resident kernel's stage clock (benchmarks) changes nothing it selects."""
+    x = integer_rows(5000, 128, torch.Generator().manual_seed(4)).cuda()
+    initial = start(x)
+    picks, cycles = patchcore_fast._extension._C.greedy_coreset_stages(x, initial, 300)
+    assert torch.equal(picks, greedy_coreset_reference(x, initial, 300))
+    assert cycles.shape[1] == 6 and bool((cycles.sum(dim=1) > 0).all())

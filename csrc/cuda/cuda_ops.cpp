@@ -17,8 +17,10 @@ static_assert(kCudaKnnMaxK == cuda::kKnnMaxK, "ops.h and knn_cuda.cuh disagree o
 
 int cuda_runtime_version() { return CUDART_VERSION; }
 
-at::Tensor greedy_coreset_cuda(const at::Tensor& features_in, const at::Tensor& initial, int64_t n,
-                               CoresetKernel kernel) {
+namespace {
+// Both coreset kernels; `stage_cycles` (resident kernel only) as in greedy_coreset_cuda.cuh.
+at::Tensor run_coreset(const at::Tensor& features_in, const at::Tensor& initial, int64_t n, CoresetKernel kernel,
+                       long long* stage_cycles) {
   const c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor features = features_in.contiguous();
   const int64_t rows = features.size(0);
@@ -46,13 +48,29 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features_in, const at::Tensor& 
     cuda::greedy_coreset_resident_launch(x, rows, dim, min_distance.data_ptr<float>(), n, out.data_ptr<int64_t>(),
                                          halves, half_norm_sq.data_ptr<float>(), residual.data_ptr<float>(), words,
                                          reinterpret_cast<__half*>(slots.data_ptr<at::Half>()),
-                                         max_abs.data_ptr<float>(), stream);
+                                         max_abs.data_ptr<float>(), stage_cycles, stream);
   } else {
     cuda::greedy_coreset_launch(x, rows, dim, min_distance.data_ptr<float>(), n, out.data_ptr<int64_t>(), halves,
                                 half_norm_sq.data_ptr<float>(), residual.data_ptr<float>(), words,
                                 max_abs.data_ptr<float>(), stream);
   }
   return out;
+}
+}  // namespace
+
+at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& initial, int64_t n,
+                               CoresetKernel kernel) {
+  return run_coreset(features, initial, n, kernel, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy_coreset_cuda_stages(const at::Tensor& features, const at::Tensor& initial,
+                                                              int64_t n) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t blocks = cuda::coreset_blocks(features.size(0), cuda::coreset_device());
+  at::Tensor cycles = at::zeros({blocks, cuda::coreset_resident_stages()}, features.options().dtype(at::kLong));
+  at::Tensor picks = run_coreset(features, initial, n, CoresetKernel::kResident,
+                                 reinterpret_cast<long long*>(cycles.data_ptr<int64_t>()));
+  return {picks, cycles};
 }
 
 namespace {

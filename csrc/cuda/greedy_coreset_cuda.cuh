@@ -45,10 +45,16 @@ void greedy_coreset_launch(const float* x, int64_t rows, int64_t dim, float* min
 // Halves of the resident kernel's winner slots (three per block).
 int64_t coreset_resident_slot_halves(int64_t rows, int64_t dim, const CoresetDevice& device);
 
+// Stages of a resident-kernel step that stage_cycles reports: publish, arrive and settle,
+// wait, centre, pass, reduce.
+int coreset_resident_stages();
+
 // The resident kernel: same contract as greedy_coreset_launch, plus the slots workspace.
+// stage_cycles: nullptr, or [blocks * coreset_resident_stages()] int64 that receives each
+// block's clock cycles per stage, summed over the steps.
 void greedy_coreset_resident_launch(const float* x, int64_t rows, int64_t dim, float* min_distance, int64_t n,
                                     int64_t* out, const __half* half_rows, const float* half_norm_sq,
                                     const float* residual, unsigned long long* sync_words, __half* slots,
-                                    const float* max_abs, cudaStream_t stream);
+                                    const float* max_abs, long long* stage_cycles, cudaStream_t stream);
 
 }  // namespace patchcore::cuda

@@ -47,11 +47,16 @@ struct ResidentParams {
   int64_t* out;
   Barrier barrier;
   __half* slots;  // [3][blocks][padded_dim + kSlotTail]: each block's best row, per barrier slot
+  long long* stage_cycles;  // optional [blocks][kStages]: see StageClock
   const float* max_abs;
   int64_t rows, dim, padded_dim, n, rows_per_block, cached_rows;
   int64_t slice_stride;  // rows_per_block rounded up to 4, keeping the row cache 16-byte aligned
   bool vector_rows;      // float32 rows can be read as float4
 };
+
+// Where a block's time goes, when the caller asks (stage_cycles != nullptr): thread 0 adds the
+// clock cycles since its previous mark to the stage that just ended, summed over all steps.
+enum Stage { kPublish, kArriveAndSettle, kWait, kCentre, kPass, kReduce, kStages };
 
 // dot0/dot1 += the 8 halves of `raw` times centre[0..7] (two chains for latency).
 __device__ __forceinline__ void accumulate(const uint4& raw, const float* centre, float& dot0, float& dot1) {
@@ -113,6 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
   __shared__ int pending_count, shared_candidate;
   __shared__ unsigned long long pending_key_bound;  // largest key a queued row could end with
   __shared__ bool shared_settle_now;
+  __shared__ long long stage_sums[kStages + 1];  // the last entry holds the previous mark
 
   const int tid = threadIdx.x;
   const int64_t vectors = p.padded_dim / 8;  // 16-byte vectors per fp16 row
@@ -153,8 +159,16 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
   if (tid == 0) {
     pending_count = 0;
     pending_key_bound = 0ull;
+    for (int i = 0; i < kStages; ++i) stage_sums[i] = 0;
   }
   __syncthreads();
+  // Kept in shared memory, not registers: the register rows leave none to spare.
+  auto mark = [&](Stage stage) {
+    if (p.stage_cycles == nullptr || tid != 0) return;
+    const long long now = clock64();
+    if (stage < kStages) stage_sums[stage] += now - stage_sums[kStages];
+    stage_sums[kStages] = now;
+  };
 
   // Exact phase: a warp per queued row, all `queued` rows of the block at once. Returns the
   // largest key of this thread's settled rows.
@@ -183,6 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
   int queued = 0;              // rows left for the exact phase of the previous centre
   int64_t previous_pick = -1;  // that centre
 
+  mark(kStages);  // start
   for (int64_t step = 0; step < p.n; ++step) {
     // Publish the block's best row (shared_candidate) in this step's slot, arrive with its key,
     // settle the queued rows that could not change the key while the other blocks arrive,
@@ -206,10 +221,13 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
                make_float4(slice_norm_sq[candidate], slice_residual[candidate], 0.f, 0.f));
     }
     __syncthreads();  // the release in arrive() then covers the whole block's slot writes
+    mark(kPublish);
     if (tid == 0) arrive(p.barrier, step % 3, best);
     if (queued > 0) settle_queued(queued, previous_pick);
+    mark(kArriveAndSettle);
     if (tid == 0) {
       shared_pick = unpack_index(wait_all(p.barrier, step % 3));
+      mark(kWait);
       if (blockIdx.x == 0) {
         p.out[step] = shared_pick;
         clear(p.barrier, (step + 2) % 3);
@@ -240,6 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
       }
     }
     __syncthreads();
+    mark(kCentre);
     const float centre_norm_sq = shared_centre_norm_sq;
     const float centre_residual = shared_centre_residual;
 
@@ -303,6 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
       }
     }
     __syncthreads();
+    mark(kPass);
 
     // The key goes out before the queued rows are settled unless one of them could change it.
     queued = pending_count;
@@ -322,10 +342,12 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
     previous_pick = pick;
     if (tid == 0) shared_candidate = best ? static_cast<int>(unpack_index(best) - lo) : -1;
     __syncthreads();
+    mark(kReduce);
   }
 
   __syncthreads();
   for (int64_t t = tid; t < count; t += kThreads) p.min_distance[lo + t] = slice_min[t];
+  if (tid < kStages && p.stage_cycles != nullptr) p.stage_cycles[blockIdx.x * kStages + tid] = stage_sums[tid];
 }
 
 template <int kRegVecs>
@@ -334,7 +356,10 @@ void launch(const ResidentParams& params, int64_t blocks, const CoresetDevice& d
   const int64_t in_registers = kRegVecs > 0 ? std::min<int64_t>(p.rows_per_block, kThreads) : 0;
   // Winner centre, reduction scratch, each row's minimum, residual, norm and exact-phase queue entry.
   const int64_t fixed_bytes = p.padded_dim * static_cast<int64_t>(sizeof(float)) + 32 * 8 + p.slice_stride * 16;
-  const int64_t static_bytes = 64;  // shared_pick and the other scalars, with margin
+  auto* kernel = greedy_resident<kRegVecs>;
+  cudaFuncAttributes attributes{};
+  PATCHCORE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const int64_t static_bytes = static_cast<int64_t>(attributes.sharedSizeBytes);  // the __shared__ scalars
   if (fixed_bytes + static_bytes > device.smem_optin)
     throw std::invalid_argument("patchcore_fast: " + std::to_string(p.rows) + " rows of dim " +
                                 std::to_string(p.dim) +
@@ -344,7 +369,6 @@ void launch(const ResidentParams& params, int64_t blocks, const CoresetDevice& d
       std::min<int64_t>(p.rows_per_block - in_registers, (device.smem_optin - static_bytes - fixed_bytes) / row_bytes);
   const size_t smem = static_cast<size_t>(fixed_bytes + p.cached_rows * row_bytes);
 
-  auto* kernel = greedy_resident<kRegVecs>;
   PATCHCORE_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
@@ -359,6 +383,8 @@ void launch(const ResidentParams& params, int64_t blocks, const CoresetDevice& d
 
 }  // namespace
 
+int coreset_resident_stages() { return kStages; }
+
 int64_t coreset_resident_slot_halves(int64_t rows, int64_t dim, const CoresetDevice& device) {
   return 3 * coreset_blocks(rows, device) * (coreset_padded_dim(dim) + kSlotTail);
 }
@@ -366,11 +392,12 @@ int64_t coreset_resident_slot_halves(int64_t rows, int64_t dim, const CoresetDev
 void greedy_coreset_resident_launch(const float* x, int64_t rows, int64_t dim, float* min_distance, int64_t n,
                                     int64_t* out, const __half* half_rows, const float* half_norm_sq,
                                     const float* residual, unsigned long long* sync_words, __half* slots,
-                                    const float* max_abs, cudaStream_t stream) {
+                                    const float* max_abs, long long* stage_cycles, cudaStream_t stream) {
   const CoresetDevice device = coreset_device();
   const int64_t blocks = coreset_blocks(rows, device);
   ResidentParams p{x, half_rows, half_norm_sq, residual, min_distance, out,
-                   Barrier{sync_words, reinterpret_cast<unsigned*>(sync_words + 3)}, slots, max_abs, rows, dim,
+                   Barrier{sync_words, reinterpret_cast<unsigned*>(sync_words + 3)}, slots, stage_cycles, max_abs,
+                   rows, dim,
                    coreset_padded_dim(dim), n, 0, 0, 0, false};
   p.rows_per_block = (rows + blocks - 1) / blocks;
   p.slice_stride = (p.rows_per_block + 3) / 4 * 4;
