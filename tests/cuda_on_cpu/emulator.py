@@ -1,0 +1,62 @@
+"""Builds and runs the CUDA coreset kernels on the CPU (shim/ and harness.cpp).
+
+The .cu sources are compiled unchanged except for four mechanical rewrites that plain C++
+cannot express: dynamic shared memory becomes a per-block buffer, `__shared__` becomes
+`static` (each block is its own forked process), `kernel<<<...>>>(args)` becomes a call
+to the shim's launcher, and the cooperative launch keeps the kernel's type.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+CSRC = HERE.parents[1] / "csrc"
+SOURCES = ("greedy_coreset_cuda.cu", "greedy_coreset_resident.cu")
+
+
+def as_cpu_source(text: str) -> str:
+    text = re.sub(r"extern __shared__[^;]*?unsigned char (\w+)\[\];", r"unsigned char* \1 = emu::dynamic_shared();", text)
+    text = text.replace("__shared__", "static")
+    text = re.sub(r"(\w+)<<<", r"emu::launch(\1, ", text).replace(">>>", ")")
+    return re.sub(r"cudaLaunchCooperativeKernel\(\s*reinterpret_cast<void\*>\((\w+)\)", r"emu::cooperative_launch(\1", text)
+
+
+def build(out_dir: Path) -> Path:
+    """Compiles the harness with the kernels' sources; returns the executable."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise FileNotFoundError("g++ not found")
+    (out_dir / "cuda").mkdir(parents=True, exist_ok=True)
+    units = []
+    for name in SOURCES:
+        unit = out_dir / "cuda" / (Path(name).stem + ".cpp")
+        unit.write_text(as_cpu_source((CSRC / "cuda" / name).read_text()))
+        units.append(str(unit))
+    exe = out_dir / "harness"
+    cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-I", str(HERE / "shim"), "-I", str(CSRC / "cuda"),
+           "-o", str(exe), str(HERE / "harness.cpp"), *units]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the CPU emulation failed:\n{result.stderr[-4000:]}")
+    return exe
+
+
+def run(exe: Path, kernel: str, x: torch.Tensor, initial: torch.Tensor, n: int, sms: int, smem_bytes: int,
+        timeout: float = 600):
+    """Picks (int64 [n]) of `kernel` on x, emulating `sms` multiprocessors with `smem_bytes` of
+    shared memory per block; for "resident-stages" also the cycles [blocks * stages]."""
+    header = np.array([x.shape[0], x.shape[1], n], dtype=np.int64).tobytes()
+    payload = header + x.float().contiguous().numpy().tobytes() + initial.float().contiguous().numpy().tobytes()
+    result = subprocess.run([str(exe), kernel, str(sms), str(smem_bytes)], input=payload, capture_output=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.decode(errors="replace").strip())
+    out = np.frombuffer(result.stdout, dtype=np.int64)
+    return torch.from_numpy(out[:n].copy()), torch.from_numpy(out[n:].copy())

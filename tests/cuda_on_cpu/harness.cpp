@@ -1,0 +1,73 @@
+// Runs one of the CUDA coreset kernels on the CPU through the shim in shim/ (see
+// tests/test_cuda_kernels_on_cpu.py), playing the part of csrc/cuda/cuda_ops.cpp.
+//
+// usage: harness KERNEL SMS SMEM_OPTIN_BYTES < input > picks
+//   KERNEL: cached | resident | resident-stages
+//   input:  int64 rows, dim, n; float32 x [rows * dim]; float32 initial distances [rows]
+//   output: int64 picks [n] (resident-stages: then int64 cycles [blocks * stages])
+#include <cuda_fp16.h>
+
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "greedy_coreset_cuda.cuh"
+
+namespace pc = patchcore::cuda;
+
+template <class T>
+void read_exactly(T* out, size_t count) {
+  if (std::fread(out, sizeof(T), count, stdin) != count) throw std::runtime_error("short input");
+}
+
+int main(int argc, char** argv) {
+  if (argc != 4) {
+    std::fprintf(stderr, "usage: harness cached|resident|resident-stages SMS SMEM_OPTIN_BYTES < input\n");
+    return 2;
+  }
+  const std::string kernel = argv[1];
+  emu::sms = std::stoi(argv[2]);
+  emu::smem_optin = std::stoi(argv[3]);
+  try {
+    int64_t header[3];
+    read_exactly(header, 3);
+    const int64_t rows = header[0], dim = header[1], n = header[2];
+    float* x = emu::device_alloc<float>(rows * dim);
+    float* min_distance = emu::device_alloc<float>(rows);
+    read_exactly(x, rows * dim);
+    read_exactly(min_distance, rows);
+
+    float* max_abs = emu::device_alloc<float>(1);
+    for (int64_t i = 0; i < rows * dim; ++i) *max_abs = std::max(*max_abs, std::fabs(x[i]));
+    int64_t* out = emu::device_alloc<int64_t>(n);
+    __half* half_rows = emu::device_alloc<__half>(rows * pc::coreset_padded_dim(dim));
+    float* half_norm_sq = emu::device_alloc<float>(rows);
+    float* residual = emu::device_alloc<float>(rows);
+    auto* sync_words = emu::device_alloc<unsigned long long>(6);
+
+    pc::greedy_coreset_prepare(x, rows, dim, max_abs, half_rows, half_norm_sq, residual, nullptr);
+    std::vector<long long> cycles;
+    if (kernel == "cached") {
+      pc::greedy_coreset_launch(x, rows, dim, min_distance, n, out, half_rows, half_norm_sq, residual, sync_words,
+                                max_abs, nullptr);
+    } else if (kernel == "resident" || kernel == "resident-stages") {
+      const pc::CoresetDevice device = pc::coreset_device();
+      __half* slots = emu::device_alloc<__half>(pc::coreset_resident_slot_halves(rows, dim, device));
+      long long* stage_cycles = nullptr;
+      const int64_t stage_count = pc::coreset_blocks(rows, device) * pc::coreset_resident_stages();
+      if (kernel == "resident-stages") stage_cycles = emu::device_alloc<long long>(stage_count);
+      pc::greedy_coreset_resident_launch(x, rows, dim, min_distance, n, out, half_rows, half_norm_sq, residual,
+                                         sync_words, slots, max_abs, stage_cycles, nullptr);
+      if (stage_cycles != nullptr) cycles.assign(stage_cycles, stage_cycles + stage_count);
+    } else {
+      throw std::invalid_argument("unknown kernel " + kernel);
+    }
+    std::fwrite(out, sizeof(int64_t), n, stdout);
+    if (!cycles.empty()) std::fwrite(cycles.data(), sizeof(long long), cycles.size(), stdout);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,79 @@
+"""The CUDA coreset kernels' own source, run on the CPU through a small CUDA shim
+(tests/cuda_on_cpu): blocks are processes, threads are threads, barriers and warp shuffles
+are real barriers. It checks the kernels' logic (indexing, the register / shared-memory /
+device-memory row stores, the queue and its deferral, the barrier and the winner's slot)
+against the reference on machines without a GPU. Speed and the GPU memory model are not
+modelled; the GPU tests cover those where a GPU exists."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import integer_rows
+from cuda_on_cpu import emulator
+from patchcore_fast.coreset import mean_start_distances
+from patchcore_fast.reference import greedy_coreset_reference
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+KIB = 1024
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return emulator.build(tmp_path_factory.mktemp("cuda_on_cpu"))
+
+
+def start(x):
+    return mean_start_distances(x, 10, torch.Generator().manual_seed(0))
+
+
+def float_rows(rows, dim, seed):
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+
+
+# (kernel, rows, dim, data, blocks, shared memory): each case sends rows through a different store.
+CASES = [
+    # 1,500 rows per block: 512 in registers, some in shared memory, the rest from device memory.
+    ("resident", 3000, 128, "integer", 2, 64 * KIB),
+    ("cached", 3000, 128, "integer", 2, 64 * KIB),
+    ("resident", 3000, 128, "float", 2, 64 * KIB),
+    # 64-wide rows (8 vectors in registers), everything on chip.
+    ("resident", 2500, 3, "integer", 2, 227 * KIB),
+    # Wide rows: 8 lanes per row, mostly from device memory; float4 exact path.
+    ("resident", 1500, 1024, "float", 2, 64 * KIB),
+    # 127 values: padded rows and the scalar exact path, three blocks.
+    ("resident", 2000, 127, "float", 3, 50 * KIB),
+    # Few distinct values: ties, and queued rows that could be a block's best (settled before arriving).
+    ("resident", 2000, 16, "ternary", 2, 227 * KIB),
+]
+
+
+@pytest.mark.parametrize("kernel,rows,dim,data,blocks,smem", CASES)
+def test_emulated_kernel_equals_reference(harness, kernel, rows, dim, data, blocks, smem):
+    if data == "integer":
+        x = integer_rows(rows, dim, torch.Generator().manual_seed(rows + dim))
+    elif data == "ternary":
+        x = integer_rows(rows, dim, torch.Generator().manual_seed(rows + dim), low=-1, high=2)
+    else:
+        x = float_rows(rows, dim, rows + dim)
+    initial = start(x)
+    n = 40
+    picks, _ = emulator.run(harness, kernel, x, initial, n, blocks, smem)
+    assert torch.equal(picks, greedy_coreset_reference(x, initial, n))
+
+
+def test_emulated_stage_clock_keeps_the_picks(harness):
+    x = integer_rows(1200, 64, torch.Generator().manual_seed(9))
+    initial = start(x)
+    picks, cycles = emulator.run(harness, "resident-stages", x, initial, 30, 2, 227 * KIB)
+    assert torch.equal(picks, greedy_coreset_reference(x, initial, 30))
+    cycles = cycles.view(2, 6)
+    assert bool((cycles.sum(dim=1) > 0).all())
+
+
+def test_emulated_kernel_refuses_rows_beyond_shared_memory(harness):
+    x = integer_rows(4000, 8, torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="exceed the GPU coreset kernel's shared memory"):
+        emulator.run(harness, "resident", x, start(x), 5, 1, 16 * KIB)
