@@ -8,6 +8,7 @@ bytes over the measured copy bandwidth).
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import sys
@@ -24,6 +25,8 @@ from baselines import authors_coreset, cdist_topk, matmul_min  # noqa: E402
 from patchcore_fast.coreset import mean_start_distances, random_projection  # noqa: E402
 from patchcore_fast.reference import knn_reference  # noqa: E402
 from workloads import W1  # noqa: E402
+
+knn_module = importlib.import_module("patchcore_fast.knn")  # the package's `knn` attribute is the function
 
 
 def cuda_time(fn, reps, warmup=1):
@@ -124,33 +127,39 @@ def main():
         print(f"{step:28s} {impl:26s} {seconds * 1e3:10.2f} ms" + (f"  x{baseline / seconds:7.1f} vs baseline" if baseline else "")
               + (f"  floor {floor * 1e3:.2f} ms" if floor else ""), flush=True)
 
-    # --- knn ------------------------------------------------------------------------------------
+    # --- knn: each CUDA warp layout ----------------------------------------------------------
     knn_flops = 2.0 * w.queries * w.bank_rows * w.dim
     knn_bytes = (w.queries + w.bank_rows) * w.dim * 4
-    for k in (1, 9):
-        d, i = patchcore_fast.knn(test, bank, k)
-        rd, ri = knn_reference(test, bank, k)
-        rel = ((d - rd).abs() / rd.clamp_min(1e-12)).max().item()
-        checks[f"knn_k{k}"] = {"indices_equal_fraction": (i == ri).float().mean().item(), "max_rel_distance_error": rel}
-        print(f"knn k={k} check", checks[f"knn_k{k}"], flush=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    patchcore_fast.knn(test, bank, 1)
-    torch.cuda.synchronize()
-    checks["knn_extra_peak_bytes"] = torch.cuda.max_memory_allocated() - before
-
-    base = cuda_time(lambda: matmul_min(test, bank), 10)
-    add("knn_k1", "matmul_min_fp32", base)
+    reference = {k: knn_reference(test, bank, k) for k in (1, 9)}
+    base_k1 = cuda_time(lambda: matmul_min(test, bank), 10)
+    add("knn_k1", "matmul_min_fp32", base_k1)
     torch.backends.cuda.matmul.allow_tf32 = True
-    add("knn_k1", "matmul_min_tf32", cuda_time(lambda: matmul_min(test, bank), 10), base)
+    add("knn_k1", "matmul_min_tf32", cuda_time(lambda: matmul_min(test, bank), 10), base_k1)
     torch.backends.cuda.matmul.allow_tf32 = False
-    add("knn_k1", "patchcore_fast", cuda_time(lambda: patchcore_fast.knn(test, bank, 1), 20), base,
-        flops=knn_flops, bytes_=knn_bytes)
-    base = cuda_time(lambda: cdist_topk(test, bank, 9), 5)
-    add("knn_k9", "cdist_topk", base)
-    add("knn_k9", "patchcore_fast", cuda_time(lambda: patchcore_fast.knn(test, bank, 9), 20), base,
-        flops=knn_flops, bytes_=knn_bytes)
+    base_k9 = cuda_time(lambda: cdist_topk(test, bank, 9), 5)
+    add("knn_k9", "cdist_topk", base_k9)
+    for kernel in knn_module.CUDA_KERNELS:
+        knn_module.CUDA_KERNEL = kernel
+        impl = f"patchcore_fast_{kernel}"
+        for k in (1, 9):
+            d, i = patchcore_fast.knn(test, bank, k)
+            rd, ri = reference[k]
+            rel = ((d - rd).abs() / rd.clamp_min(1e-12)).max().item()
+            checks[f"knn_k{k}_{kernel}"] = {"indices_equal_fraction": (i == ri).float().mean().item(),
+                                            "max_rel_distance_error": rel}
+            print(f"knn k={k} check ({kernel})", checks[f"knn_k{k}_{kernel}"], flush=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        patchcore_fast.knn(test, bank, 1)
+        torch.cuda.synchronize()
+        checks[f"knn_extra_peak_bytes_{kernel}"] = torch.cuda.max_memory_allocated() - before
+        add("knn_k1", impl, cuda_time(lambda: patchcore_fast.knn(test, bank, 1), 20), base_k1,
+            flops=knn_flops, bytes_=knn_bytes)
+        add("knn_k9", impl, cuda_time(lambda: patchcore_fast.knn(test, bank, 9), 20), base_k9,
+            flops=knn_flops, bytes_=knn_bytes)
+        save()
+    knn_module.CUDA_KERNEL = "warp16x128"
 
     # --- metrics on 5 M pixels (100 maps of 224 x 224) ---------------------------------------
     maps, masks = metric_inputs("cuda")

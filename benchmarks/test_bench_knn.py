@@ -1,17 +1,25 @@
 """Nearest-neighbour search of the test patches in a 10 % memory bank: ours against torch baselines."""
 
+import sys
+
 import pytest
 
 import patchcore_fast
 from baselines import cdist_topk, matmul_min
 
+knn_module = sys.modules["patchcore_fast.knn"]
 
-@pytest.mark.parametrize("impl", ["patchcore_fast", "matmul_min"])
-def test_knn_k1(workload, timed, benchmark, impl):
+
+@pytest.mark.parametrize("impl", ["patchcore_fast", "patchcore_fast_warp32x64", "matmul_min"])
+def test_knn_k1(workload, timed, benchmark, impl, monkeypatch):
     device, w, _, test, bank = workload
+    if impl == "patchcore_fast_warp32x64":
+        if device.type != "cuda":
+            pytest.skip("a CUDA kernel layout")
+        monkeypatch.setattr(knn_module, "CUDA_KERNEL", "warp32x64")
     benchmark.group = f"knn-k1-{w.name}-{device.type}"
-    benchmark.extra_info.update(workload=w.name, device=device.type, baseline=impl != "patchcore_fast")
-    fn = patchcore_fast.knn if impl == "patchcore_fast" else matmul_min
+    benchmark.extra_info.update(workload=w.name, device=device.type, baseline=impl == "matmul_min")
+    fn = matmul_min if impl == "matmul_min" else patchcore_fast.knn
     d, i = timed(device, fn, 5, test, bank)
     assert i.shape == (w.queries, 1)
 

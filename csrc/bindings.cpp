@@ -50,7 +50,9 @@ std::tuple<at::Tensor, at::Tensor> greedy_coreset_stages(const at::Tensor& featu
 }
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
-                                       int64_t tile_elems) {
+                                       int64_t tile_elems, const std::string& cuda_kernel) {
+  TORCH_CHECK_VALUE(cuda_kernel == "warp16x128" || cuda_kernel == "warp32x64",
+                    "knn: cuda_kernel must be 'warp16x128' or 'warp32x64', got '", cuda_kernel, "'");
   TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
                     "knn: queries [Q, D] and bank [M, D] must be 2-D with the same D");
   TORCH_CHECK_VALUE(queries.scalar_type() == at::kFloat && bank.scalar_type() == at::kFloat,
@@ -62,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
 #ifdef PATCHCORE_WITH_CUDA
     TORCH_CHECK_VALUE(k <= patchcore::kCudaKnnMaxK, "knn: the CUDA kernel keeps at most ",
                       patchcore::kCudaKnnMaxK, " neighbours");
-    return patchcore::knn_cuda(queries, bank, k);
+    return patchcore::knn_cuda(queries, bank, k, cuda_kernel == "warp32x64" ? 4 : 2);
 #else
     TORCH_CHECK(false, "knn: this build of patchcore_fast has no CUDA kernels");
 #endif
@@ -106,6 +108,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"),
         "The resident CUDA coreset kernel with each block's clock cycles per step stage (for benchmarks)");
   m.def("knn", &knn, py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("tile_elems"),
+        py::arg("cuda_kernel") = "warp16x128",
         "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn)");
   m.def("build_info", &build_info, "How this extension was built");
 }

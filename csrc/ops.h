@@ -27,7 +27,9 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& ini
 // (publish, arrive and settle, wait, centre, pass, reduce; summed over the steps).
 std::tuple<at::Tensor, at::Tensor> greedy_coreset_cuda_stages(const at::Tensor& features, const at::Tensor& initial,
                                                               int64_t n);
-std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at::Tensor& bank, int64_t k);
+// warp_rows: the CUDA knn kernel's warp layout, 2 (16 x 128 per warp) or 4 (32 x 64); see knn_cuda.cuh.
+std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+                                            int64_t warp_rows);
 // Largest k the fused CUDA knn kernel keeps per query (one list slot per warp lane).
 constexpr int64_t kCudaKnnMaxK = 32;
 int cuda_runtime_version();

@@ -12,6 +12,12 @@ from .reference.knn import knn_reference
 #: Largest number of query x bank distances the CPU kernel holds at once (64 MiB of float32).
 TILE_ELEMS = 1 << 24
 
+# The CUDA kernel's warp layout (same results): "warp16x128", measured on an H200
+# (benchmarks/NOTES.md), or "warp32x64", which reads a third fewer shared-memory bytes and
+# has not yet run on a GPU. benchmarks/gpu_report.py times both.
+CUDA_KERNELS = ("warp16x128", "warp32x64")
+CUDA_KERNEL = "warp16x128"
+
 
 @torch.no_grad()
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: int = TILE_ELEMS):
@@ -33,6 +39,6 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: in
 
     if compiled(queries.device):
         if queries.device.type != "cuda" or k <= CUDA_MAX_K:
-            return _C.knn(queries, bank, k, tile_elems)
+            return _C.knn(queries, bank, k, tile_elems, cuda_kernel=CUDA_KERNEL)
     # Pure torch: no extension, or more neighbours than the fused CUDA kernel keeps.
     return knn_reference(queries, bank, k, chunk_elems=tile_elems)

@@ -1,8 +1,9 @@
-"""The CUDA coreset kernels' own source, run on the CPU through a small CUDA shim
+"""The CUDA kernels' own source, run on the CPU through a small CUDA shim
 (tests/cuda_on_cpu): blocks are processes, threads are threads, barriers and warp shuffles
-are real barriers. It checks the kernels' logic (indexing, the register / shared-memory /
-device-memory row stores, the queue and its deferral, the barrier and the winner's slot)
-against the reference on machines without a GPU. Speed and the GPU memory model are not
+are real barriers. It checks the kernels' logic against the references on machines without
+a GPU: for the coreset, indexing, the register / shared-memory / device-memory row stores,
+the queue and its deferral, the barrier and the winner's slot; for knn, both warp layouts,
+the fused top-k lists and the merge of bank chunks. Speed and the GPU memory model are not
 modelled; the GPU tests cover those where a GPU exists."""
 
 import shutil
@@ -13,7 +14,7 @@ import torch
 from conftest import integer_rows
 from cuda_on_cpu import emulator
 from patchcore_fast.coreset import mean_start_distances
-from patchcore_fast.reference import greedy_coreset_reference
+from patchcore_fast.reference import greedy_coreset_reference, knn_reference
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -77,3 +78,15 @@ def test_emulated_kernel_refuses_rows_beyond_shared_memory(harness):
     x = integer_rows(4000, 8, torch.Generator().manual_seed(1))
     with pytest.raises(RuntimeError, match="exceed the GPU coreset kernel's shared memory"):
         emulator.run(harness, "resident", x, start(x), 5, 1, 16 * KIB)
+
+
+@pytest.mark.parametrize("warp_rows", [2, 4])
+@pytest.mark.parametrize("k,splits", [(1, 1), (9, 2)])
+def test_emulated_knn_equals_reference(harness, warp_rows, k, splits):
+    g = torch.Generator().manual_seed(k * 10 + warp_rows)
+    queries = integer_rows(150, 37, g, -2, 3)  # two query blocks, the second partly empty
+    bank = integer_rows(300, 37, g, -2, 3)  # three bank tiles, many exact ties
+    distances, indices = emulator.run_knn(harness, queries, bank, k, splits, warp_rows)
+    ref_distances, ref_indices = knn_reference(queries, bank, k)
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(distances, ref_distances)

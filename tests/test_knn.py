@@ -12,6 +12,18 @@ from patchcore_fast.reference import knn_reference
 
 from conftest import DEVICES, clustered_rows, integer_rows
 
+knn_module = sys.modules["patchcore_fast.knn"]  # patchcore_fast.knn is the function
+KNN_DEVICES = ["cpu"] + [f"cuda:{kernel}" for kernel in knn_module.CUDA_KERNELS if "cuda" in DEVICES]
+
+
+@pytest.fixture(params=KNN_DEVICES)
+def device(request, monkeypatch):
+    """The CPU kernel, and each CUDA warp layout when a GPU is present."""
+    name, _, kernel = request.param.partition(":")
+    if kernel:
+        monkeypatch.setattr(knn_module, "CUDA_KERNEL", kernel)
+    return torch.device(name)
+
 
 @pytest.mark.parametrize("k", [1, 2, 9, 16])
 @pytest.mark.parametrize("dim", [3, 127, 128, 1024, 1536])

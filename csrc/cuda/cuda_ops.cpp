@@ -85,7 +85,8 @@ at::Tensor kernel_layout(const at::Tensor& x) {
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in, const at::Tensor& bank_in, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in, const at::Tensor& bank_in, int64_t k,
+                                            int64_t warp_rows) {
   const c10::cuda::CUDAGuard guard(queries_in.device());
   TORCH_CHECK_VALUE(bank_in.size(0) < std::numeric_limits<int32_t>::max(), "knn: bank too large for the CUDA kernel");
   const at::Tensor queries = kernel_layout(queries_in);
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in, const 
     part_index = at::empty({splits, num_queries, k}, f32.dtype(at::kInt));
   }
   cuda::knn_launch(queries.data_ptr<float>(), num_queries, bank.data_ptr<float>(), num_bank, queries.size(1),
-                   static_cast<int>(k), splits, query_norms.data_ptr<float>(), bank_norms.data_ptr<float>(),
+                   static_cast<int>(k), splits, static_cast<int>(warp_rows), query_norms.data_ptr<float>(), bank_norms.data_ptr<float>(),
                    splits > 1 ? part_distance.data_ptr<float>() : nullptr,
                    splits > 1 ? part_index.data_ptr<int32_t>() : nullptr, out_distance.data_ptr<float>(),
                    out_index.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());

@@ -1,4 +1,4 @@
-"""Builds and runs the CUDA coreset kernels on the CPU (shim/ and harness.cpp).
+"""Builds and runs our CUDA kernels on the CPU (shim/ and harness.cpp).
 
 The .cu sources are compiled unchanged except for four mechanical rewrites that plain C++
 cannot express: dynamic shared memory becomes a per-block buffer, `__shared__` becomes
@@ -18,7 +18,7 @@ import torch
 
 HERE = Path(__file__).parent
 CSRC = HERE.parents[1] / "csrc"
-SOURCES = ("greedy_coreset_cuda.cu", "greedy_coreset_resident.cu")
+SOURCES = ("greedy_coreset_cuda.cu", "greedy_coreset_resident.cu", "knn_cuda.cu")
 
 
 def as_cpu_source(text: str) -> str:
@@ -60,3 +60,23 @@ def run(exe: Path, kernel: str, x: torch.Tensor, initial: torch.Tensor, n: int, 
         raise RuntimeError(result.stderr.decode(errors="replace").strip())
     out = np.frombuffer(result.stdout, dtype=np.int64)
     return torch.from_numpy(out[:n].copy()), torch.from_numpy(out[n:].copy())
+
+
+def run_knn(exe: Path, queries: torch.Tensor, bank: torch.Tensor, k: int, splits: int, warp_rows: int,
+            timeout: float = 600):
+    """(squared distances [Q, k], indices [Q, k]) from the CUDA knn kernel, rows zero-padded to
+    a multiple of 16 as the extension pads them; `splits` bank chunks are merged by its merge kernel."""
+    dim = queries.shape[1]
+    padded = (dim + 15) // 16 * 16
+    pad = torch.nn.functional.pad
+    q = pad(queries.float(), (0, padded - dim)).contiguous()
+    b = pad(bank.float(), (0, padded - dim)).contiguous()
+    header = np.array([q.shape[0], b.shape[0], padded, k, splits, warp_rows], dtype=np.int64).tobytes()
+    result = subprocess.run([str(exe), "knn", "1", str(227 * 1024)], input=header + q.numpy().tobytes() + b.numpy().tobytes(),
+                            capture_output=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.decode(errors="replace").strip())
+    count = q.shape[0] * k
+    distances = np.frombuffer(result.stdout[: 4 * count], dtype=np.float32).reshape(-1, k)
+    indices = np.frombuffer(result.stdout[4 * count :], dtype=np.int64).reshape(-1, k)
+    return torch.from_numpy(distances.copy()), torch.from_numpy(indices.copy())

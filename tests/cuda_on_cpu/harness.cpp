@@ -1,10 +1,14 @@
-// Runs one of the CUDA coreset kernels on the CPU through the shim in shim/ (see
+// Runs our CUDA kernels on the CPU through the shim in shim/ (see
 // tests/test_cuda_kernels_on_cpu.py), playing the part of csrc/cuda/cuda_ops.cpp.
 //
-// usage: harness KERNEL SMS SMEM_OPTIN_BYTES < input > picks
-//   KERNEL: cached | resident | resident-stages
-//   input:  int64 rows, dim, n; float32 x [rows * dim]; float32 initial distances [rows]
-//   output: int64 picks [n] (resident-stages: then int64 cycles [blocks * stages])
+// usage: harness KERNEL SMS SMEM_OPTIN_BYTES < input > output
+//   KERNEL cached | resident | resident-stages (greedy coreset)
+//     input:  int64 rows, dim, n; float32 x [rows * dim]; float32 initial distances [rows]
+//     output: int64 picks [n] (resident-stages: then int64 cycles [blocks * stages])
+//   KERNEL knn
+//     input:  int64 Q, M, dim (a multiple of 16), k, splits, warp_rows; float32 queries [Q * dim],
+//             bank [M * dim]
+//     output: float32 distances [Q * k], int64 indices [Q * k]
 #include <cuda_fp16.h>
 
 #include <cstdio>
@@ -13,6 +17,7 @@
 #include <vector>
 
 #include "greedy_coreset_cuda.cuh"
+#include "knn_cuda.cuh"
 
 namespace pc = patchcore::cuda;
 
@@ -21,15 +26,40 @@ void read_exactly(T* out, size_t count) {
   if (std::fread(out, sizeof(T), count, stdin) != count) throw std::runtime_error("short input");
 }
 
+void run_knn() {
+  int64_t header[6];
+  read_exactly(header, 6);
+  const int64_t num_queries = header[0], num_bank = header[1], dim = header[2], k = header[3];
+  const int splits = static_cast<int>(header[4]), warp_rows = static_cast<int>(header[5]);
+  float* queries = emu::device_alloc<float>(num_queries * dim);
+  float* bank = emu::device_alloc<float>(num_bank * dim);
+  read_exactly(queries, num_queries * dim);
+  read_exactly(bank, num_bank * dim);
+  float* query_norms = emu::device_alloc<float>(num_queries);
+  float* bank_norms = emu::device_alloc<float>(num_bank);
+  float* part_distance = emu::device_alloc<float>(splits * num_queries * k);
+  auto* part_index = emu::device_alloc<int32_t>(splits * num_queries * k);
+  float* distance = emu::device_alloc<float>(num_queries * k);
+  int64_t* index = emu::device_alloc<int64_t>(num_queries * k);
+  pc::knn_launch(queries, num_queries, bank, num_bank, dim, static_cast<int>(k), splits, warp_rows, query_norms,
+                 bank_norms, part_distance, part_index, distance, index, nullptr);
+  std::fwrite(distance, sizeof(float), num_queries * k, stdout);
+  std::fwrite(index, sizeof(int64_t), num_queries * k, stdout);
+}
+
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: harness cached|resident|resident-stages SMS SMEM_OPTIN_BYTES < input\n");
+    std::fprintf(stderr, "usage: harness cached|resident|resident-stages|knn SMS SMEM_OPTIN_BYTES < input\n");
     return 2;
   }
   const std::string kernel = argv[1];
   emu::sms = std::stoi(argv[2]);
   emu::smem_optin = std::stoi(argv[3]);
   try {
+    if (kernel == "knn") {
+      run_knn();
+      return 0;
+    }
     int64_t header[3];
     read_exactly(header, 3);
     const int64_t rows = header[0], dim = header[1], n = header[2];

@@ -1,4 +1,4 @@
-// Just enough of the CUDA runtime and device language for the coreset kernels to run on the
+// Just enough of the CUDA runtime and device language for our kernels to run on the
 // CPU (tests/test_cuda_kernels_on_cpu.py): a cooperative launch forks one process per block,
 // so the kernel's __shared__ variables (made `static` by the driver) are per block, and runs
 // the block's threads as std::threads; global memory is a MAP_SHARED mapping. __syncthreads
@@ -62,7 +62,7 @@ inline size_t static_shared_bytes = 128;
 inline int watchdog_seconds = 120;
 
 inline thread_local unsigned thread_index = 0;
-inline unsigned block_index = 0, grid_size = 1, block_size = 1;
+inline unsigned block_index = 0, block_index_y = 0, grid_size = 1, grid_size_y = 1, block_size = 1;
 inline std::barrier<>* block_barrier = nullptr;
 struct Warp {
   std::barrier<> bar{32};
@@ -117,7 +117,9 @@ cudaError_t cooperative_launch(void (*kernel)(P), dim3 grid, dim3 block, void** 
     if (pid == 0) {
       alarm(watchdog_seconds);
       block_index = b;
+      block_index_y = 0;
       grid_size = grid.x;
+      grid_size_y = 1;
       block_size = block.x;
       std::vector<unsigned char> shared(smem + 16);
       dynamic_shared_memory = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared.data()) + 15) / 16 * 16);
@@ -146,19 +148,25 @@ template <class... Params>
 struct Launch {
   void (*kernel)(Params...);
   dim3 grid, block;
+  size_t smem;
   template <class... Args>
   void operator()(Args&&... args) const {
-    for (unsigned b = 0; b < grid.x; ++b) {
-      block_index = b;
-      grid_size = grid.x;
-      block_size = block.x;
-      run_threads(block.x, [&] { kernel(args...); });
-    }
+    std::vector<unsigned char> shared(smem + 16);
+    dynamic_shared_memory = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared.data()) + 15) / 16 * 16);
+    grid_size = grid.x;
+    grid_size_y = grid.y;
+    block_size = block.x;
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned b = 0; b < grid.x; ++b) {
+        block_index = b;
+        block_index_y = y;
+        run_threads(block.x, [&] { kernel(args...); });
+      }
   }
 };
 template <class... Params>
-Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
-  return {kernel, grid, block};
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
+  return {kernel, grid, block, smem};
 }
 
 template <class T>
@@ -177,8 +185,8 @@ inline Warp& my_warp() { return warps[thread_index / 32]; }
 }  // namespace emu
 
 #define threadIdx (uint3{emu::thread_index, 0, 0})
-#define blockIdx (uint3{emu::block_index, 0, 0})
-#define gridDim (uint3{emu::grid_size, 1, 1})
+#define blockIdx (uint3{emu::block_index, emu::block_index_y, 0})
+#define gridDim (uint3{emu::grid_size, emu::grid_size_y, 1})
 #define blockDim (uint3{emu::block_size, 1, 1})
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
@@ -205,6 +213,16 @@ T __shfl_sync(unsigned, T value, int source) {
   w.lanes[lane] = emu::to_bits(value);
   w.bar.arrive_and_wait();
   const T out = emu::from_bits<T>(w.lanes[source & 31]);
+  w.bar.arrive_and_wait();
+  return out;
+}
+template <class T>
+T __shfl_up_sync(unsigned, T value, unsigned delta) {
+  emu::Warp& w = emu::my_warp();
+  const unsigned lane = emu::thread_index & 31;
+  w.lanes[lane] = emu::to_bits(value);
+  w.bar.arrive_and_wait();
+  const T out = lane >= delta ? emu::from_bits<T>(w.lanes[lane - delta]) : value;
   w.bar.arrive_and_wait();
   return out;
 }
