@@ -4,7 +4,7 @@
 // removes the three costs that kernel pays every step (benchmarks/NOTES.md):
 //  1. Rows of up to 128 values: each thread keeps one fp16 row in registers and shared
 //     memory holds the next ones, so a block's 1,188 W1 rows are all on chip (512 in
-//     registers, 676 in shared memory) and a step reads no row from device memory.
+//     registers, 676 in shared memory) and a step reads no fp16 row from device memory.
 //     Wider rows are read by groups of 8 lanes, so loads from device memory coalesce.
 //  2. Rows the fp16 bound cannot settle are queued in shared memory during the pass and
 //     settled together, a warp per row: one device-memory round trip per block and step
@@ -47,7 +47,7 @@ struct ResidentParams {
   int64_t* out;
   Barrier barrier;
   __half* slots;  // [3][blocks][padded_dim + kSlotTail]: each block's best row, per barrier slot
-  long long* stage_cycles;  // optional [blocks][kStages]: see StageClock
+  long long* stage_cycles;  // optional [blocks][kStages]: see Stage
   const float* max_abs;
   int64_t rows, dim, padded_dim, n, rows_per_block, cached_rows;
   int64_t slice_stride;  // rows_per_block rounded up to 4, keeping the row cache 16-byte aligned
