@@ -8,8 +8,6 @@ from sklearn.metrics import roc_auc_score
 
 from patchcore_fast import metrics
 
-from conftest import DEVICES
-
 
 def plain_pro(maps, masks, limit=0.3):
     maps, masks = np.asarray(maps, dtype=np.float64), np.asarray(masks) != 0

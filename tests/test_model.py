@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import patchcore_fast
 from patchcore_fast import PatchCore
 from patchcore_fast.backbones import load_backbone
 from patchcore_fast.reference.pipeline import reference_predict
