@@ -68,13 +68,13 @@ int main(int argc, char** argv) {
     read_exactly(x, rows * dim);
     read_exactly(min_distance, rows);
 
-    float* max_abs = emu::device_alloc<float>(1);
+    float* max_abs = emu::device_alloc<float>(1, true);
     for (int64_t i = 0; i < rows * dim; ++i) *max_abs = std::max(*max_abs, std::fabs(x[i]));
     int64_t* out = emu::device_alloc<int64_t>(n);
     __half* half_rows = emu::device_alloc<__half>(rows * pc::coreset_padded_dim(dim));
     float* half_norm_sq = emu::device_alloc<float>(rows);
     float* residual = emu::device_alloc<float>(rows);
-    auto* sync_words = emu::device_alloc<unsigned long long>(6);
+    auto* sync_words = emu::device_alloc<unsigned long long>(6, true);  // at::zeros in cuda_ops.cpp
 
     pc::greedy_coreset_prepare(x, rows, dim, max_abs, half_rows, half_norm_sq, residual, nullptr);
     std::vector<long long> cycles;
@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
       __half* slots = emu::device_alloc<__half>(pc::coreset_resident_slot_halves(rows, dim, device));
       long long* stage_cycles = nullptr;
       const int64_t stage_count = pc::coreset_blocks(rows, device) * pc::coreset_resident_stages();
-      if (kernel == "resident-stages") stage_cycles = emu::device_alloc<long long>(stage_count);
+      if (kernel == "resident-stages") stage_cycles = emu::device_alloc<long long>(stage_count, true);
       pc::greedy_coreset_resident_launch(x, rows, dim, min_distance, n, out, half_rows, half_norm_sq, residual,
                                          sync_words, slots, max_abs, stage_cycles, nullptr);
       if (stage_cycles != nullptr) cycles.assign(stage_cycles, stage_cycles + stage_count);

@@ -5,7 +5,9 @@
 // and the warp shuffles are barriers, so a shuffle or barrier that not every thread reaches
 // hangs (and the watchdog reports it) instead of passing silently.
 // Not modelled: the memory model beyond x86's (L1 staleness, weak ordering), timing, and
-// resource limits other than the shared-memory size the launcher computes.
+// resource limits other than the shared-memory size the launcher computes. Device and dynamic
+// shared memory start as garbage, so a kernel that reads before writing shows it; `static`
+// (formerly __shared__) variables start at zero, which the GPU does not promise.
 #pragma once
 #include <sched.h>
 #include <sys/mman.h>
@@ -75,8 +77,9 @@ inline unsigned char* dynamic_shared() { return dynamic_shared_memory; }
 // Global memory that forked blocks share.
 inline unsigned char* arena = nullptr;
 inline size_t arena_used = 0, arena_size = 0;
+// Like cudaMalloc, memory starts as garbage (0xA5 bytes) unless `zeroed`, as at::zeros would give.
 template <class T>
-T* device_alloc(size_t count) {
+T* device_alloc(size_t count, bool zeroed = false) {
   if (arena == nullptr) {
     arena_size = size_t(1) << 30;
     void* p = mmap(nullptr, arena_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -86,7 +89,7 @@ T* device_alloc(size_t count) {
   const size_t bytes = (count * sizeof(T) + 255) / 256 * 256;
   if (arena_used + bytes > arena_size) { std::fprintf(stderr, "arena full\n"); std::exit(2); }
   T* out = reinterpret_cast<T*>(arena + arena_used);
-  std::memset(out, 0, bytes);
+  std::memset(out, zeroed ? 0 : 0xA5, bytes);
   arena_used += bytes;
   return out;
 }
@@ -121,7 +124,7 @@ cudaError_t cooperative_launch(void (*kernel)(P), dim3 grid, dim3 block, void** 
       grid_size = grid.x;
       grid_size_y = 1;
       block_size = block.x;
-      std::vector<unsigned char> shared(smem + 16);
+      std::vector<unsigned char> shared(smem + 16, 0xA5);  // garbage, like shared memory
       dynamic_shared_memory = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared.data()) + 15) / 16 * 16);
       run_threads(block.x, [&] { kernel(params); });
       std::fflush(nullptr);
@@ -151,7 +154,7 @@ struct Launch {
   size_t smem;
   template <class... Args>
   void operator()(Args&&... args) const {
-    std::vector<unsigned char> shared(smem + 16);
+    std::vector<unsigned char> shared(smem + 16, 0xA5);  // garbage, like shared memory
     dynamic_shared_memory = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared.data()) + 15) / 16 * 16);
     grid_size = grid.x;
     grid_size_y = grid.y;
