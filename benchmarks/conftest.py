@@ -39,3 +39,15 @@ def timed(benchmark):
         return benchmark.pedantic(call, rounds=rounds, iterations=1)
 
     return run
+
+
+@pytest.fixture
+def cuda_variant(monkeypatch):
+    """Selects a not-default CUDA kernel of `module` for one benchmark; skips on the CPU."""
+
+    def use(device, module, kernel):
+        if device.type != "cuda":
+            pytest.skip(f"{kernel} is a CUDA kernel")
+        monkeypatch.setattr(module, "CUDA_KERNEL", kernel)
+
+    return use

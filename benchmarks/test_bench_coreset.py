@@ -7,12 +7,10 @@ from baselines import authors_coreset
 
 
 @pytest.mark.parametrize("impl", ["patchcore_fast", "patchcore_fast_resident", "authors_loop"])
-def test_coreset_10pct_projected(workload, timed, benchmark, impl, monkeypatch):
+def test_coreset_10pct_projected(workload, timed, benchmark, impl, cuda_variant):
     device, w, train, _, _ = workload
     if impl == "patchcore_fast_resident":
-        if device.type != "cuda":
-            pytest.skip("the resident kernel is CUDA only")
-        monkeypatch.setattr(patchcore_fast.coreset, "CUDA_KERNEL", "resident")
+        cuda_variant(device, patchcore_fast.coreset, "resident")
     benchmark.group = f"coreset-10pct-128d-{w.name}-{device.type}"
     benchmark.extra_info.update(workload=w.name, device=device.type, baseline=impl == "authors_loop")
     if impl.startswith("patchcore_fast"):

@@ -11,12 +11,10 @@ knn_module = sys.modules["patchcore_fast.knn"]
 
 
 @pytest.mark.parametrize("impl", ["patchcore_fast", "patchcore_fast_warp32x64", "matmul_min"])
-def test_knn_k1(workload, timed, benchmark, impl, monkeypatch):
+def test_knn_k1(workload, timed, benchmark, impl, cuda_variant):
     device, w, _, test, bank = workload
     if impl == "patchcore_fast_warp32x64":
-        if device.type != "cuda":
-            pytest.skip("a CUDA kernel layout")
-        monkeypatch.setattr(knn_module, "CUDA_KERNEL", "warp32x64")
+        cuda_variant(device, knn_module, "warp32x64")
     benchmark.group = f"knn-k1-{w.name}-{device.type}"
     benchmark.extra_info.update(workload=w.name, device=device.type, baseline=impl == "matmul_min")
     fn = matmul_min if impl == "matmul_min" else patchcore_fast.knn

@@ -62,44 +62,13 @@ __global__ void to_half_rows(const float* __restrict__ x, int64_t rows, int64_t 
   }
 }
 
-struct Params {
-  const float* x;
-  const __half* half_rows;
-  const float* half_norm_sq;
-  const float* residual;
-  float* min_distance;
-  int64_t* out;
-  Barrier barrier;
-  const float* max_abs;
-  int64_t rows, dim, padded_dim, n, rows_per_block, cached_rows;
-  int64_t slice_stride;  // rows_per_block rounded up to 4, keeping the row cache 16-byte aligned
-  bool vector_rows;      // float32 rows can be read as float4
-};
+using Params = SelectionParams;
 
 // Exact float32 squared distance between row i of x and the centre (in shared memory),
 // computed by the whole warp so that the row's loads leave together: the step waits for
 // the slowest block, so a row fetched from device memory must cost one round trip.
 __device__ __forceinline__ float warp_exact_squared(const Params& p, int64_t i, const float* centre, int lane) {
-  float acc = 0.f;
-  if (p.vector_rows) {
-    const float4* row = reinterpret_cast<const float4*>(p.x + i * p.dim);
-#pragma unroll 4
-    for (int64_t j = lane; j < p.dim / 4; j += 32) {
-      const float4 v = __ldg(row + j);
-      const float d0 = v.x - centre[4 * j], d1 = v.y - centre[4 * j + 1];
-      const float d2 = v.z - centre[4 * j + 2], d3 = v.w - centre[4 * j + 3];
-      acc = fmaf(d0, d0, acc);
-      acc = fmaf(d1, d1, acc);
-      acc = fmaf(d2, d2, acc);
-      acc = fmaf(d3, d3, acc);
-    }
-  } else {
-#pragma unroll 4
-    for (int64_t j = lane; j < p.dim; j += 32) {
-      const float d = __ldg(p.x + i * p.dim + j) - centre[j];
-      acc = fmaf(d, d, acc);
-    }
-  }
+  float acc = exact_part<4>(p, p.x + i * p.dim, centre, lane, 32);
   for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
   return acc;
 }
@@ -181,22 +150,8 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_persistent(Params p) {
         const __half* row = local < cached ? cache + local * cache_stride : p.half_rows + i * p.padded_dim;
         float dot0 = 0.f, dot1 = 0.f;
 #pragma unroll 4
-        for (int64_t j = 0; j < p.padded_dim; j += kHalvesPerLoad) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(row + j);
-          const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
-          const float4 c0 = *reinterpret_cast<const float4*>(centre_scaled + j);
-          const float4 c1 = *reinterpret_cast<const float4*>(centre_scaled + j + 4);
-          const float2 f0 = __half22float2(h2[0]), f1 = __half22float2(h2[1]);
-          const float2 f2 = __half22float2(h2[2]), f3 = __half22float2(h2[3]);
-          dot0 = fmaf(f0.x, c0.x, dot0);
-          dot1 = fmaf(f0.y, c0.y, dot1);
-          dot0 = fmaf(f1.x, c0.z, dot0);
-          dot1 = fmaf(f1.y, c0.w, dot1);
-          dot0 = fmaf(f2.x, c1.x, dot0);
-          dot1 = fmaf(f2.y, c1.y, dot1);
-          dot0 = fmaf(f3.x, c1.z, dot0);
-          dot1 = fmaf(f3.y, c1.w, dot1);
-        }
+        for (int64_t j = 0; j < p.padded_dim; j += kHalvesPerLoad)
+          accumulate(*reinterpret_cast<const uint4*>(row + j), centre_scaled + j, dot0, dot1);
         m = slice_min[local];
         if (i == pick) {
           m = kSelected;
@@ -262,12 +217,8 @@ void greedy_coreset_launch(const float* x, int64_t rows, int64_t dim, float* min
   const CoresetDevice device = coreset_device();
   const int64_t blocks = coreset_blocks(rows, device);
   const int smem_optin = device.smem_optin;
-  Params p{x, half_rows, half_norm_sq, residual, min_distance, out,
-           Barrier{sync_words, reinterpret_cast<unsigned*>(sync_words + 3)}, max_abs, rows, dim, padded_dim, n, 0, 0, 0,
-           false};
-  p.rows_per_block = (rows + blocks - 1) / blocks;
-  p.slice_stride = (p.rows_per_block + 3) / 4 * 4;
-  p.vector_rows = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  Params p = selection_params(x, rows, dim, min_distance, n, out, half_rows, half_norm_sq, residual, sync_words,
+                              max_abs, blocks);
   // Centre (exact and scaled), reduction scratch, and each row's minimum, residual and norm.
   const int64_t fixed_bytes = 2 * padded_dim * static_cast<int64_t>(sizeof(float)) + 32 * 8 + p.slice_stride * 12;
   const int64_t static_bytes = 64;  // shared_pick, shared_centre_norm_sq, with margin

@@ -38,67 +38,18 @@ constexpr int kGroupsPerBlock = kThreads / kGroup;
 constexpr int kCachePad = 8;                 // extra halves per cached row: spreads rows over the banks
 constexpr int kSlotTail = 8;                 // halves after a slot's row: its squared norm and residual
 
-struct ResidentParams {
-  const float* x;
-  const __half* half_rows;
-  const float* half_norm_sq;
-  const float* residual;
-  float* min_distance;
-  int64_t* out;
-  Barrier barrier;
+struct ResidentParams : SelectionParams {
   __half* slots;  // [3][blocks][padded_dim + kSlotTail]: each block's best row, per barrier slot
   long long* stage_cycles;  // optional [blocks][kStages]: see Stage
-  const float* max_abs;
-  int64_t rows, dim, padded_dim, n, rows_per_block, cached_rows;
-  int64_t slice_stride;  // rows_per_block rounded up to 4, keeping the row cache 16-byte aligned
-  bool vector_rows;      // float32 rows can be read as float4
 };
 
 // Where a block's time goes, when the caller asks (stage_cycles != nullptr): thread 0 adds the
 // clock cycles since its previous mark to the stage that just ended, summed over all steps.
 enum Stage { kPublish, kArriveAndSettle, kWait, kCentre, kPass, kReduce, kStages };
 
-// dot0/dot1 += the 8 halves of `raw` times centre[0..7] (two chains for latency).
-__device__ __forceinline__ void accumulate(const uint4& raw, const float* centre, float& dot0, float& dot1) {
-  const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
-  const float4 c0 = *reinterpret_cast<const float4*>(centre);
-  const float4 c1 = *reinterpret_cast<const float4*>(centre + 4);
-  const float2 f0 = __half22float2(h2[0]), f1 = __half22float2(h2[1]);
-  const float2 f2 = __half22float2(h2[2]), f3 = __half22float2(h2[3]);
-  dot0 = fmaf(f0.x, c0.x, dot0);
-  dot1 = fmaf(f0.y, c0.y, dot1);
-  dot0 = fmaf(f1.x, c0.z, dot0);
-  dot1 = fmaf(f1.y, c0.w, dot1);
-  dot0 = fmaf(f2.x, c1.x, dot0);
-  dot1 = fmaf(f2.y, c1.y, dot1);
-  dot0 = fmaf(f3.x, c1.z, dot0);
-  dot1 = fmaf(f3.y, c1.w, dot1);
-}
-
-// Part of the exact float32 squared distance between rows a and b of x: elements
-// sub, sub + stride, ... (in float4 units when the rows allow it).
-__device__ __forceinline__ float exact_part(const ResidentParams& p, int64_t a, int64_t b, int sub, int stride) {
-  float acc = 0.f;
-  if (p.vector_rows) {
-    const float4* ra = reinterpret_cast<const float4*>(p.x + a * p.dim);
-    const float4* rb = reinterpret_cast<const float4*>(p.x + b * p.dim);
-#pragma unroll 2
-    for (int64_t j = sub; j < p.dim / 4; j += stride) {
-      const float4 u = __ldg(ra + j), v = __ldg(rb + j);
-      const float d0 = u.x - v.x, d1 = u.y - v.y, d2 = u.z - v.z, d3 = u.w - v.w;
-      acc = fmaf(d0, d0, acc);
-      acc = fmaf(d1, d1, acc);
-      acc = fmaf(d2, d2, acc);
-      acc = fmaf(d3, d3, acc);
-    }
-  } else {
-#pragma unroll 2
-    for (int64_t j = sub; j < p.dim; j += stride) {
-      const float d = __ldg(p.x + a * p.dim + j) - __ldg(p.x + b * p.dim + j);
-      acc = fmaf(d, d, acc);
-    }
-  }
-  return acc;
+// Part of the exact float32 squared distance between rows a and b of x (see exact_part).
+__device__ __forceinline__ float exact_rows_part(const ResidentParams& p, int64_t a, int64_t b, int sub, int stride) {
+  return exact_part<2>(p, p.x + a * p.dim, p.x + b * p.dim, sub, stride);
 }
 
 // kRegVecs > 0: rows of exactly 8 * kRegVecs halves, one row per thread, the block's first
@@ -177,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_resident(ResidentParams p)
     for (int base = 0; base < queued; base += kThreads / 32) {  // uniform across the block
       const int q = base + tid / 32, lane = tid & 31;
       const int64_t local = q < queued ? pending[q] : 0;
-      float acc = q < queued ? exact_part(p, lo + local, pick, lane, 32) : 0.f;
+      float acc = q < queued ? exact_rows_part(p, lo + local, pick, lane, 32) : 0.f;
       for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
       if (q < queued && lane == 0) {
         float m = slice_min[local];
@@ -395,13 +346,9 @@ void greedy_coreset_resident_launch(const float* x, int64_t rows, int64_t dim, f
                                     const float* max_abs, long long* stage_cycles, cudaStream_t stream) {
   const CoresetDevice device = coreset_device();
   const int64_t blocks = coreset_blocks(rows, device);
-  ResidentParams p{x, half_rows, half_norm_sq, residual, min_distance, out,
-                   Barrier{sync_words, reinterpret_cast<unsigned*>(sync_words + 3)}, slots, stage_cycles, max_abs,
-                   rows, dim,
-                   coreset_padded_dim(dim), n, 0, 0, 0, false};
-  p.rows_per_block = (rows + blocks - 1) / blocks;
-  p.slice_stride = (p.rows_per_block + 3) / 4 * 4;
-  p.vector_rows = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  ResidentParams p{selection_params(x, rows, dim, min_distance, n, out, half_rows, half_norm_sq, residual,
+                                    sync_words, max_abs, blocks),
+                   slots, stage_cycles};
   if (p.padded_dim == 64)
     launch<8>(p, blocks, device, stream);
   else if (p.padded_dim == 128)

@@ -199,35 +199,34 @@ inline long long clock64() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-template <class T>
-T __shfl_xor_sync(unsigned, T value, int lane_mask) {
-  emu::Warp& w = emu::my_warp();
-  const unsigned lane = emu::thread_index & 31;
-  w.lanes[lane] = emu::to_bits(value);
+namespace emu {
+// Every lane of the warp publishes `value`; each returns the value of lane source(lane)
+// (its own value where source gives -1). Two barriers: all writes land before any read,
+// all reads finish before the buffer is reused.
+template <class T, class Source>
+T exchange(T value, Source source) {
+  Warp& w = my_warp();
+  const int lane = static_cast<int>(thread_index & 31);
+  w.lanes[lane] = to_bits(value);
   w.bar.arrive_and_wait();
-  const T out = emu::from_bits<T>(w.lanes[lane ^ lane_mask]);
+  const int from = source(lane);
+  const T out = from < 0 ? value : from_bits<T>(w.lanes[from]);
   w.bar.arrive_and_wait();
   return out;
+}
+}  // namespace emu
+
+template <class T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  return emu::exchange(value, [&](int lane) { return lane ^ lane_mask; });
 }
 template <class T>
 T __shfl_sync(unsigned, T value, int source) {
-  emu::Warp& w = emu::my_warp();
-  const unsigned lane = emu::thread_index & 31;
-  w.lanes[lane] = emu::to_bits(value);
-  w.bar.arrive_and_wait();
-  const T out = emu::from_bits<T>(w.lanes[source & 31]);
-  w.bar.arrive_and_wait();
-  return out;
+  return emu::exchange(value, [&](int) { return source & 31; });
 }
 template <class T>
 T __shfl_up_sync(unsigned, T value, unsigned delta) {
-  emu::Warp& w = emu::my_warp();
-  const unsigned lane = emu::thread_index & 31;
-  w.lanes[lane] = emu::to_bits(value);
-  w.bar.arrive_and_wait();
-  const T out = lane >= delta ? emu::from_bits<T>(w.lanes[lane - delta]) : value;
-  w.bar.arrive_and_wait();
-  return out;
+  return emu::exchange(value, [&](int lane) { return lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : -1; });
 }
 inline unsigned __ballot_sync(unsigned, bool predicate) {
   emu::Warp& w = emu::my_warp();
