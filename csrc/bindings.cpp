@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 #include <omp.h>
 
+#include "cpu/cpu_dispatch.h"
 #include "ops.h"
 
 namespace {
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_coreset_stages(const at::Tensor& featu
 }
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
-                                       int64_t tile_elems, const std::string& cuda_kernel) {
+                                       const std::string& cuda_kernel) {
   TORCH_CHECK_VALUE(cuda_kernel == "warp16x128" || cuda_kernel == "warp32x64",
                     "knn: cuda_kernel must be 'warp16x128' or 'warp32x64', got '", cuda_kernel, "'");
   TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
@@ -58,7 +59,6 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   TORCH_CHECK_VALUE(queries.scalar_type() == at::kFloat && bank.scalar_type() == at::kFloat,
                     "knn: tensors must be float32");
   TORCH_CHECK_VALUE(k >= 1 && k <= bank.size(0), "knn: k must be in [1, M]");
-  TORCH_CHECK_VALUE(tile_elems >= 1, "knn: tile_elems must be positive");
   check_pair(queries, bank, "knn");
   if (queries.is_cuda()) {
 #ifdef PATCHCORE_WITH_CUDA
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
 #endif
   }
   TORCH_CHECK_VALUE(queries.is_cpu(), "knn: unsupported device ", queries.device());
-  return patchcore::knn_cpu(queries, bank, k, tile_elems);
+  return patchcore::knn_cpu(queries, bank, k);
 }
 
 py::dict build_info() {
@@ -86,13 +86,10 @@ py::dict build_info() {
   info["cuda_max_k"] = 0;
 #endif
   info["openmp_threads"] = omp_get_max_threads();
-#ifdef __AVX512F__
-  info["cpu_simd"] = "avx512";
-#elif defined(__AVX2__)
-  info["cpu_simd"] = "avx2";
-#else
-  info["cpu_simd"] = "baseline";
-#endif
+  // The instruction set the CPU kernels run on now (PATCHCORE_CPU_ISA or the best supported).
+  info["cpu_isa"] = patchcore::cpu::kernels().name;
+  info["cpu_isa_supported"] = patchcore::cpu::supported_isas();
+  info["cpu_isa_compiled"] = patchcore::cpu::compiled_isas();
   info["torch_built_against"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
   return info;
 }
@@ -107,7 +104,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("greedy_coreset_stages", &greedy_coreset_stages, py::arg("features"), py::arg("initial_distances"),
         py::arg("n"),
         "The resident CUDA coreset kernel with each block's clock cycles per step stage (for benchmarks)");
-  m.def("knn", &knn, py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("tile_elems"),
+  m.def("knn", &knn, py::arg("queries"), py::arg("bank"), py::arg("k"),
         py::arg("cuda_kernel") = "warp16x128",
         "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn)");
   m.def("build_info", &build_info, "How this extension was built");

@@ -14,9 +14,8 @@ namespace patchcore {
 at::Tensor greedy_coreset_cpu(const at::Tensor& features, const at::Tensor& initial, int64_t n);
 
 // Exact top-k squared-L2 search: (distances [Q, k] ascending, indices [Q, k]).
-// Ties go to the lower index. At most `tile_elems` distances exist at a time.
-std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& bank,
-                                           int64_t k, int64_t tile_elems);
+// Ties go to the lower index. No query x bank matrix is ever held.
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k);
 
 #ifdef PATCHCORE_WITH_CUDA
 // The two CUDA coreset kernels (same picks; see csrc/cuda/greedy_coreset_cuda.cuh).

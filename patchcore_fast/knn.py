@@ -39,6 +39,6 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: in
 
     if compiled(queries.device):
         if queries.device.type != "cuda" or k <= CUDA_MAX_K:
-            return _C.knn(queries, bank, k, tile_elems, cuda_kernel=CUDA_KERNEL)
+            return _C.knn(queries, bank, k, cuda_kernel=CUDA_KERNEL)
     # Pure torch: no extension, or more neighbours than the fused CUDA kernel keeps.
     return knn_reference(queries, bank, k, chunk_elems=tile_elems)

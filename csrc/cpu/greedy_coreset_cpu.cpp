@@ -1,146 +1,176 @@
 // Greedy k-center selection on the CPU.
 //
-// One OpenMP team lives for the whole selection. Each greedy step is one fused
-// pass over the team's slice of rows: distance to the newest centre, running
-// minimum, and the slice's argmax. One thread then combines the per-thread
-// winners (in thread order, so ties go to the lowest index) and publishes the
-// next centre. Nothing is allocated per step.
+// The plain greedy step (pick the row farthest from the selection, lower every row's
+// minimum by its distance to the pick) reads every row once per pick, so it is bound by
+// memory traffic. Here one pass over the rows serves a whole batch of picks:
 //
-// The pass is bound by memory traffic, so it reads an fp16 copy of the rows (four rows
-// at a time, to keep several loads in flight) and re-computes a row from float32 only
-// when the fp16 distance cannot rule out an update (half_bound.h): float32-exact results.
+// 1. A pass (instruction-set kernels, isa/coreset_pass.h) lowers every row's minimum by its
+//    distances to the batch's centres, and returns the kCandidates rows with the largest
+//    minima plus the next value T, an upper bound on every other row's minimum from now on
+//    (minima only fall).
+// 2. One thread then picks the next batch from the candidates alone: the farthest candidate,
+//    its minimum brought up to date with the picks made since the pass, is the farthest row
+//    overall as long as its value is above T (strictly, so that a row outside the candidates
+//    cannot tie with a lower index). The first pick after a pass is always certain; the batch
+//    ends at the first pick that is not, or at kMaxBatch picks.
+// Every pick is exactly the one the one-pick-per-pass loop makes, with the same distances.
+//
+// Inside a pass the distances come from dot products (register tiles of rows x centres)
+// screened with a rigorous rounding bound (coreset_screen.h); only pairs the screen cannot
+// rule out get the exact float32 distance, which is computed in one fixed order on every
+// instruction set, so all paths return identical picks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <omp.h>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "half_bound.h"
+#include "coreset_screen.h"
+#include "cpu_dispatch.h"
 #include "ops.h"
 
 namespace patchcore {
 namespace {
 
-// fp16 rows are padded to whole 16-value vectors.
-constexpr int64_t kHalfAlign = 16;
-constexpr int64_t kRowsPerPass = 4;
+using cpu::kCandidates;
+using cpu::TopRows;
 
-// Squared L2 between two float32 rows. `omp simd` lets the compiler split the sum
-// over vector lanes without -ffast-math.
-inline float squared_l2(const float* __restrict a, const float* __restrict b, int64_t dim) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < dim; ++j) {
-    const float diff = a[j] - b[j];
-    acc += diff * diff;
-  }
-  return acc;
-}
+// Picks per pass at most: enough to make the pass bound by arithmetic rather than memory.
+constexpr int kMaxBatch = 32;
 
-// Squared L2 between `count` (<= 4) consecutive fp16 rows and a float32 centre.
-inline void squared_l2_half(const c10::Half* rows, int64_t padded_dim, const float* centre, int count,
-                            float* out) {
-#ifdef __AVX512F__
-  __m512 acc[kRowsPerPass] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t j = 0; j < padded_dim; j += kHalfAlign) {
-    const __m512 c = _mm512_loadu_ps(centre + j);
-    for (int r = 0; r < count; ++r) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + r * padded_dim + j));
-      const __m512 d = _mm512_sub_ps(_mm512_cvtph_ps(raw), c);
-      acc[r] = _mm512_fmadd_ps(d, d, acc[r]);
-    }
-  }
-  for (int r = 0; r < count; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
-#else
-  for (int r = 0; r < count; ++r) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < padded_dim; ++j) {
-      const float d = static_cast<float>(rows[r * padded_dim + j]) - centre[j];
-      acc += d * d;
-    }
-    out[r] = acc;
-  }
-#endif
-}
-
-struct Best {
-  float value;
+struct Candidate {
+  float value;     // the row's minimum after centres [0, applied) of the current batch
   int64_t index;
+  int applied;
+  bool picked;
 };
 
-// Larger distance wins; on equal distance the lower index wins.
-inline bool beats(const Best& candidate, const Best& best) {
-  return candidate.value > best.value || (candidate.value == best.value && candidate.index < best.index);
+bool ranks_above(float value, int64_t index, float other_value, int64_t other_index) {
+  return value > other_value || (value == other_value && index < other_index);
 }
 
-// Selected rows are pinned below every real distance so they are never picked again,
-// even when all remaining rows duplicate selected ones.
-constexpr float kSelected = -1.f;
+// The batch of centres a pass takes, packed the way the kernels' dot tiles read them.
+class Batch {
+ public:
+  Batch(const float* rows, int64_t dim, int panel_width)
+      : rows_(rows), dim_(dim), width_(panel_width),
+        capacity_((kMaxBatch + panel_width - 1) / panel_width * panel_width),
+        packed_(capacity_ * dim, 0.f), norm_sq_(capacity_, 0.f), norm_(capacity_, 0.f), index_(capacity_, 0) {}
 
-struct HalfRows {
-  std::vector<c10::Half> values;  // rows x padded_dim, scaled by `scale`, zero-padded
-  std::vector<float> residual;    // |x - h / scale| per row, rounded up
-  int64_t padded_dim;
-  float scale;
+  void clear() {
+    std::fill(packed_.begin(), packed_.end(), 0.f);
+    std::fill(norm_sq_.begin(), norm_sq_.end(), 0.f);
+    std::fill(norm_.begin(), norm_.end(), 0.f);
+    size_ = 0;
+  }
+
+  void add(int64_t row, float norm_sq, float norm) {
+    const int64_t panel = size_ / width_, lane = size_ % width_;
+    float* dst = packed_.data() + panel * dim_ * width_ + lane;
+    const float* src = rows_ + row * dim_;
+    for (int64_t k = 0; k < dim_; ++k) dst[k * width_] = src[k];
+    norm_sq_[size_] = norm_sq;
+    norm_[size_] = norm;
+    index_[size_] = row;
+    ++size_;
+  }
+
+  int size() const { return size_; }
+  int64_t centre(int j) const { return index_[j]; }
+
+  void describe(cpu::CoresetPass& pass) const {
+    pass.centres = packed_.data();
+    pass.centre_norm_sq = norm_sq_.data();
+    pass.centre_norm = norm_.data();
+    pass.centre_index = index_.data();
+    pass.batch = size_;
+  }
+
+ private:
+  const float* rows_;
+  int64_t dim_;
+  int width_, capacity_;
+  std::vector<float> packed_, norm_sq_, norm_;
+  std::vector<int64_t> index_;
+  int size_ = 0;
 };
 
-HalfRows to_half_rows(const float* x, int64_t rows, int64_t dim, float max_abs) {
-  HalfRows half;
-  half.padded_dim = (dim + kHalfAlign - 1) / kHalfAlign * kHalfAlign;
-  half.scale = half_bound::scale_for(max_abs);
-  half.values.assign(rows * half.padded_dim, c10::Half(0.f));
-  half.residual.resize(rows);
-  at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < dim; ++j) {
-        const c10::Half h(x[i * dim + j] * half.scale);
-        half.values[i * half.padded_dim + j] = h;
-        const float diff = x[i * dim + j] - static_cast<float>(h) / half.scale;
-        acc += diff * diff;
+// Step 2 above: picks the next batch from the passes' top rows. Returns the number of picks.
+int pick_batch(const std::vector<TopRows>& tops, const cpu::Kernels& kernels, const float* rows, int64_t dim,
+               const float* norm_sq, const float* norm, float* min_distance, float* skip_below, int64_t* out,
+               int64_t& step, int64_t n, Batch& batch) {
+  std::vector<Candidate> merged;
+  for (const TopRows& top : tops)
+    for (int j = 0; j < top.count; ++j) merged.push_back({top.value[j], top.index[j], 0, false});
+  const auto order = [](const Candidate& a, const Candidate& b) { return ranks_above(a.value, a.index, b.value, b.index); };
+  std::sort(merged.begin(), merged.end(), order);
+  const float bound = merged.size() > static_cast<size_t>(kCandidates) ? merged[kCandidates].value
+                                                                      : -std::numeric_limits<float>::infinity();
+  merged.resize(std::min<size_t>(merged.size(), kCandidates));
+
+  batch.clear();
+  while (step < n && batch.size() < kMaxBatch) {
+    // Lazy argmax: candidates' values are upper bounds; bring the leader up to date until the
+    // leader is current. Stale values only fall, so a current leader is the true one. Rows
+    // selected in earlier batches sit at -1 and are never leaders.
+    Candidate* leader = nullptr;
+    while (true) {
+      leader = nullptr;
+      for (Candidate& c : merged)
+        if (!c.picked && c.value >= 0.f && (leader == nullptr || ranks_above(c.value, c.index, leader->value, leader->index))) leader = &c;
+      if (leader == nullptr || leader->applied == batch.size()) break;
+      for (; leader->applied < batch.size(); ++leader->applied) {
+        const float d = kernels.exact_distance(rows + leader->index * dim, rows + batch.centre(leader->applied) * dim, dim);
+        leader->value = std::min(leader->value, d);
       }
-      half.residual[i] = std::sqrt(acc) * (1.f + half_bound::kResidualSlack);
     }
-  });
-  return half;
+    if (leader == nullptr || (batch.size() > 0 && !(leader->value > bound))) break;
+    leader->picked = true;
+    const int64_t row = leader->index;
+    out[step++] = row;
+    min_distance[row] = -1.f;  // pinned below every distance: never picked again
+    skip_below[row] = cpu::screen::skip_threshold(-1.f, dim);
+    batch.add(row, norm_sq[row], norm[row]);
+  }
+  return batch.size();
 }
 
 }  // namespace
 
 at::Tensor greedy_coreset_cpu(const at::Tensor& features_in, const at::Tensor& initial_in, int64_t n) {
+  const cpu::Kernels& kernels = cpu::kernels();
   const at::Tensor features = features_in.contiguous();
-  at::Tensor min_distance = initial_in.contiguous().clone();
+  at::Tensor min_distance_t = initial_in.contiguous().clone();
   at::Tensor selected = at::empty({n}, features.options().dtype(at::kLong));
 
   const int64_t rows = features.size(0);
   const int64_t dim = features.size(1);
   const float* x = features.data_ptr<float>();
-  float* dist = min_distance.data_ptr<float>();
+  float* min_distance = min_distance_t.data_ptr<float>();
   int64_t* out = selected.data_ptr<int64_t>();
 
-  const float max_abs = at::linalg_vector_norm(features, std::numeric_limits<double>::infinity()).item<float>();
-  const HalfRows half = to_half_rows(x, rows, dim, max_abs);
-  const int64_t padded_dim = half.padded_dim;
-  const float rounding = half_bound::relative_rounding(padded_dim);
-  std::vector<float> centre_scaled(padded_dim, 0.f);  // centre * scale, zero-padded like the fp16 rows
-  // Per row, the squared fp16 distance below which the exact distance must be computed;
-  // it changes only when the row's minimum does.
-  std::vector<float> threshold(rows);
-  at::parallel_for(0, rows, 4096, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i)
-      threshold[i] = half_bound::skip_threshold_squared(dist[i], half.residual[i], rounding, half.scale);
+  std::vector<float> norm_sq(rows), norm(rows), skip_below(rows);
+  at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < dim; ++j) acc += x[i * dim + j] * x[i * dim + j];
+      norm_sq[i] = acc;
+      norm[i] = std::sqrt(acc);
+      skip_below[i] = cpu::screen::skip_threshold(min_distance[i], dim);
+    }
   });
-  int64_t centre = 0;
+
+  Batch batch(x, dim, kernels.panel_width);
+  cpu::CoresetPass pass{x, dim, norm_sq.data(), norm.data(), min_distance, skip_below.data(),
+                        nullptr, nullptr, nullptr, nullptr, 0, cpu::screen::relative_error(dim)};
+  batch.describe(pass);
 
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), rows / 256)));
-  std::vector<Best> thread_best(threads);
+  std::vector<TopRows> tops(threads);
+  int64_t step = 0;
 
 #pragma omp parallel num_threads(threads)
   {
@@ -148,48 +178,16 @@ at::Tensor greedy_coreset_cpu(const at::Tensor& features_in, const at::Tensor& i
     const int team = omp_get_num_threads();
     const int64_t lo = rows * tid / team;
     const int64_t hi = rows * (tid + 1) / team;
-
-    // Step 0: the argmax of the starting distances.
-    Best best{-std::numeric_limits<float>::infinity(), rows};
-    for (int64_t i = lo; i < hi; ++i)
-      if (beats({dist[i], i}, best)) best = {dist[i], i};
-    thread_best[tid] = best;
-
-    for (int64_t step = 0; step < n; ++step) {
+    while (true) {
+      kernels.coreset_pass(pass, lo, hi, tops[tid]);
 #pragma omp barrier
 #pragma omp single
       {
-        Best winner = thread_best[0];
-        for (int t = 1; t < team; ++t)
-          if (beats(thread_best[t], winner)) winner = thread_best[t];
-        centre = winner.index;
-        out[step] = centre;
-        dist[centre] = kSelected;
-        threshold[centre] = 0.f;
-        for (int64_t j = 0; j < dim; ++j) centre_scaled[j] = x[centre * dim + j] * half.scale;
-      }  // implicit barrier: every thread sees the new centre
-      if (step + 1 == n) break;
-
-      const float* c = x + centre * dim;
-      best = {-std::numeric_limits<float>::infinity(), rows};
-      for (int64_t i0 = lo; i0 < hi; i0 += kRowsPerPass) {
-        const int count = static_cast<int>(std::min<int64_t>(kRowsPerPass, hi - i0));
-        float approx[kRowsPerPass];
-        squared_l2_half(half.values.data() + i0 * padded_dim, padded_dim, centre_scaled.data(), count, approx);
-        for (int r = 0; r < count; ++r) {
-          const int64_t i = i0 + r;
-          float m = dist[i];
-          if (approx[r] < threshold[i]) {
-            const float exact = std::sqrt(squared_l2(x + i * dim, c, dim));
-            if (exact < m) {
-              dist[i] = m = exact;
-              threshold[i] = half_bound::skip_threshold_squared(m, half.residual[i], rounding, half.scale);
-            }
-          }
-          if (m > best.value) best = {m, i};  // ascending scan: strict > keeps the lowest index
-        }
-      }
-      thread_best[tid] = best;
+        pick_batch(tops, kernels, x, dim, norm_sq.data(), norm.data(), min_distance, skip_below.data(), out, step, n,
+                   batch);
+        batch.describe(pass);
+      }  // implicit barrier: every thread sees the batch
+      if (step == n) break;
     }
   }
   return selected;

@@ -1,0 +1,69 @@
+// The CPU kernels' instruction-set-specific parts, as one table of plain functions per
+// instruction set (raw pointers, no torch types). csrc/cpu/isa/kernels_<isa>.cpp compiles
+// the same source (isa/*.h) once per instruction set with that set's compiler flags;
+// cpu_dispatch.cpp picks the table at run time from what the CPU supports, or from the
+// PATCHCORE_CPU_ISA environment variable.
+//
+// Everything in this header has internal linkage or is a plain type, so translation units
+// compiled with different -m flags never share a function body (no ODR surprises).
+#pragma once
+#include <cstdint>
+
+namespace patchcore::cpu {
+
+// Most candidates a coreset pass keeps for the batched selection (see greedy_coreset_cpu.cpp).
+constexpr int kCandidates = 64;
+
+// The (value, index) pairs with the largest values seen, lower index first on equal values.
+struct TopRows {
+  float value[kCandidates + 1];
+  int64_t index[kCandidates + 1];
+  int count;
+};
+
+// One greedy-coreset pass: every row in [lo, hi) takes its distance to each of the batch's
+// centres into its running minimum, and the pass collects the rows with the largest minima.
+struct CoresetPass {
+  const float* rows;          // [N, dim] row-major, the selection space
+  int64_t dim;
+  const float* norm_sq;       // [N] |x|^2 of each row (float32)
+  const float* norm;          // [N] |x| of each row
+  float* min_distance;        // [N] running minimum distance to the selection (L2)
+  float* skip_below;          // [N] screen threshold on squared distance (see coreset_screen.h)
+  const float* centres;       // packed centre panels, [panels][dim][panel_width]
+  const float* centre_norm_sq;  // [batch]
+  const float* centre_norm;     // [batch]
+  const int64_t* centre_index;  // [batch] row index of each centre
+  int batch;                  // number of centres (0: only collect the top rows)
+  float screen_error;         // relative error bound of the screen's expanded form
+};
+
+// Exact top-k by squared L2 for a range of queries against a packed bank.
+struct KnnBlock {
+  const float* queries;       // [Q, dim]
+  const float* query_norm_sq; // [Q]
+  const float* bank;          // packed bank panels, [panels][dim][panel_width]
+  const float* bank_norm_sq;  // [M]
+  int64_t dim, num_bank, k;
+  float* out_distance;        // [Q, k] ascending, pre-filled with +inf
+  int64_t* out_index;         // [Q, k], pre-filled with -1
+};
+
+struct Kernels {
+  const char* name;           // "generic", "avx2" or "avx512"
+  int panel_width;            // centres or bank rows per packed panel
+  // sqrt of the squared L2 between two rows, summed in one fixed order on every
+  // instruction set (16 interleaved partial sums, no fused multiply-add), so every
+  // path returns the same float bit for bit.
+  float (*exact_distance)(const float* a, const float* b, int64_t dim);
+  void (*coreset_pass)(const CoresetPass& pass, int64_t lo, int64_t hi, TopRows& top);
+  void (*knn)(const KnnBlock& block, int64_t q_lo, int64_t q_hi);
+};
+
+extern const Kernels kGenericKernels;
+#if defined(PATCHCORE_X86_KERNELS)
+extern const Kernels kAvx2Kernels;
+extern const Kernels kAvx512Kernels;
+#endif
+
+}  // namespace patchcore::cpu

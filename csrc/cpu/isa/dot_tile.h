@@ -1,0 +1,78 @@
+// The register-blocked dot-product tile shared by the coreset pass and the knn search, and
+// the exact distance. Needs simd.h first.
+//
+// A tile is kRows rows of A (read in place, row-major) against one packed panel of
+// kPanel rows of B (stored [dim][kPanel], so one k step loads kPanel contiguous floats).
+// Each accumulator lane is one (a, b) pair summed over k in order, so the result does not
+// depend on how wide the vectors are (only on whether multiply-add is fused).
+#if defined(PATCHCORE_ISA_AVX512)
+constexpr int kRows = 12;  // 24 accumulators + 2 panel vectors + 1 broadcast of 32 registers
+#elif defined(PATCHCORE_ISA_AVX2)
+constexpr int kRows = 6;   // 12 accumulators + 2 panel vectors + 1 broadcast of 16 registers
+#else
+constexpr int kRows = 4;
+#endif
+constexpr int kPanelVecs = 2;
+constexpr int kPanel = kPanelVecs * kLanes;
+
+// out[r * kPanel + j] = a_r . panel_j for r < kRows, j < kPanel.
+inline void dot_tile(const float* a, int64_t a_stride, const float* panel, int64_t dim, float* out) {
+  Vec acc[kRows][kPanelVecs];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vzero();
+  for (int64_t k = 0; k < dim; ++k) {
+    Vec b[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) b[v] = vload(panel + k * kPanel + v * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec ar = vset1(a[r * a_stride + k]);
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vfmadd(ar, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) vstore(out + r * kPanel + v * kLanes, acc[r][v]);
+}
+
+// Runs `body(a, a_stride, first_row, count)` over [lo, hi) in groups of kRows rows; the last,
+// partial group is copied into a zero-padded scratch block so the tile can read whole groups.
+template <class Body>
+inline void for_each_row_group(const float* rows, int64_t dim, int64_t lo, int64_t hi, float* scratch, Body&& body) {
+  int64_t i = lo;
+  for (; i + kRows <= hi; i += kRows) body(rows + i * dim, dim, i, kRows);
+  if (i < hi) {
+    const int count = static_cast<int>(hi - i);
+    std::memset(scratch, 0, sizeof(float) * kRows * dim);
+    std::memcpy(scratch, rows + i * dim, sizeof(float) * count * dim);
+    body(scratch, dim, i, count);
+  }
+}
+
+// sqrt(sum (a - b)^2) with element j in partial sum j % 16, the partial sums added pairwise
+// in a fixed tree, and no fused multiply-add (kernels are compiled with -ffp-contract=off):
+// the same float on every instruction set.
+constexpr int kExactLanes = 16;
+constexpr int kExactVecs = kExactLanes / kLanes;
+
+inline float exact_distance(const float* a, const float* b, int64_t dim) {
+  Vec acc[kExactVecs];
+  for (int v = 0; v < kExactVecs; ++v) acc[v] = vzero();
+  int64_t j = 0;
+  for (; j + kExactLanes <= dim; j += kExactLanes)
+    for (int v = 0; v < kExactVecs; ++v) {
+      const Vec d = vsub(vload(a + j + v * kLanes), vload(b + j + v * kLanes));
+      acc[v] = vadd(acc[v], vmul(d, d));
+    }
+  if (j < dim) {  // the tail as one zero-padded block: padded lanes add exactly zero
+    float ta[kExactLanes] = {}, tb[kExactLanes] = {};
+    std::memcpy(ta, a + j, sizeof(float) * (dim - j));
+    std::memcpy(tb, b + j, sizeof(float) * (dim - j));
+    for (int v = 0; v < kExactVecs; ++v) {
+      const Vec d = vsub(vload(ta + v * kLanes), vload(tb + v * kLanes));
+      acc[v] = vadd(acc[v], vmul(d, d));
+    }
+  }
+  float lanes[kExactLanes];
+  for (int v = 0; v < kExactVecs; ++v) vstore(lanes + v * kLanes, acc[v]);
+  for (int width = kExactLanes / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return __builtin_sqrtf(lanes[0]);  // the instruction itself: no shared std::sqrt body (cpu_kernels.h)
+}

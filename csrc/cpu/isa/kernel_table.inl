@@ -1,0 +1,24 @@
+// Compiles the CPU kernels for the instruction set the including file names, and defines
+// its table. Included once each by kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp.
+// Everything but the table has internal linkage (see cpu_kernels.h).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#if defined(PATCHCORE_ISA_AVX512) || defined(PATCHCORE_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "../coreset_screen.h"
+#include "../cpu_kernels.h"
+
+namespace patchcore::cpu {
+namespace {
+#include "simd.h"
+#include "dot_tile.h"
+#include "coreset_pass.h"
+#include "knn_block.h"
+}  // namespace
+
+const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &coreset_pass, &knn};
+
+}  // namespace patchcore::cpu

@@ -1,0 +1,62 @@
+// The few vector operations the CPU kernels need, for one instruction set chosen by the
+// including file: PATCHCORE_ISA_AVX512, PATCHCORE_ISA_AVX2, or neither (portable code that
+// the compiler vectorises for the target's baseline: SSE2 on x86-64, NEON on aarch64).
+// Included only inside an anonymous namespace (kernel_table.inl, which includes the system
+// headers first), so each instruction set keeps its own copy.
+
+#if defined(PATCHCORE_ISA_AVX512)
+constexpr int kLanes = 16;
+struct Vec { __m512 v; };
+inline Vec vzero() { return {_mm512_setzero_ps()}; }
+inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
+inline Vec vset1(float x) { return {_mm512_set1_ps(x)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec vsub(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+// Bit l set where !(a[l] >= b[l]) (NaN included) / where a[l] < b[l].
+inline unsigned vmask_not_ge(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_NGE_UQ); }
+inline unsigned vmask_lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+
+#elif defined(PATCHCORE_ISA_AVX2)
+constexpr int kLanes = 8;
+struct Vec { __m256 v; };
+inline Vec vzero() { return {_mm256_setzero_ps()}; }
+inline Vec vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
+inline Vec vset1(float x) { return {_mm256_set1_ps(x)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vec vsub(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Vec vmul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline unsigned vmask_not_ge(Vec a, Vec b) {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_NGE_UQ)));
+}
+inline unsigned vmask_lt(Vec a, Vec b) {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)));
+}
+
+#else
+// GCC/Clang vector extensions: 4 floats in one SSE2 or NEON register on any target.
+constexpr int kLanes = 4;
+typedef float Float4 __attribute__((vector_size(16)));
+struct Vec { Float4 v; };
+inline Vec vzero() { return {Float4{0.f, 0.f, 0.f, 0.f}}; }
+inline Vec vload(const float* p) { Float4 r; std::memcpy(&r, p, sizeof r); return {r}; }
+inline void vstore(float* p, Vec a) { std::memcpy(p, &a.v, sizeof a.v); }
+inline Vec vset1(float x) { return {Float4{x, x, x, x}}; }
+inline Vec vadd(Vec a, Vec b) { return {a.v + b.v}; }
+inline Vec vsub(Vec a, Vec b) { return {a.v - b.v}; }
+inline Vec vmul(Vec a, Vec b) { return {a.v * b.v}; }
+inline Vec vmax(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+// No fused multiply-add in the baseline instruction sets: multiply, then add.
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+inline unsigned lane_bits(decltype(Float4{} < Float4{}) m) {
+  return static_cast<unsigned>((m[0] & 1) | (m[1] & 2) | (m[2] & 4) | (m[3] & 8));
+}
+inline unsigned vmask_not_ge(Vec a, Vec b) { return lane_bits(~(a.v >= b.v)); }
+inline unsigned vmask_lt(Vec a, Vec b) { return lane_bits(a.v < b.v); }
+#endif
