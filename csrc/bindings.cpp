@@ -87,7 +87,12 @@ py::dict build_info() {
 #endif
   info["openmp_threads"] = omp_get_max_threads();
   // The instruction set the CPU kernels run on now (PATCHCORE_CPU_ISA or the best supported).
-  info["cpu_isa"] = patchcore::cpu::kernels().name;
+  const std::string path = patchcore::cpu::kernels().name;
+  info["cpu_isa"] = path;
+  py::dict kernels;
+  kernels["greedy_coreset"] = path;
+  kernels["knn"] = path;
+  info["cpu_kernels"] = kernels;
   info["cpu_isa_supported"] = patchcore::cpu::supported_isas();
   info["cpu_isa_compiled"] = patchcore::cpu::compiled_isas();
   info["torch_built_against"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

@@ -1,7 +1,27 @@
 import pytest
 import torch
 
+from patchcore_fast import build_info
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+#: The CPU kernels' instruction-set paths this CPU runs (PATCHCORE_CPU_ISA forces each in turn).
+CPU_PATHS = build_info().get("cpu_isa_supported") or ["generic"]
+
+
+def kernel_params():
+    """One test parameter per CPU path ("cpu:avx2") and per CUDA kernel given ("cuda:cached")."""
+    return [f"cpu:{path}" for path in CPU_PATHS]
+
+
+def use_kernel(param, monkeypatch, module):
+    """Forces the CPU path, or selects the module's CUDA kernel, that `param` names; returns the device."""
+    name, _, variant = param.partition(":")
+    if name == "cpu":
+        monkeypatch.setenv("PATCHCORE_CPU_ISA", variant)
+    else:
+        monkeypatch.setattr(module, "CUDA_KERNEL", variant)
+    return torch.device(name)
 
 
 @pytest.fixture(params=DEVICES)

@@ -7,18 +7,15 @@ import patchcore_fast
 from patchcore_fast.coreset import mean_start_distances, random_projection
 from patchcore_fast.reference import greedy_coreset_reference, pairwise_l2
 
-from conftest import DEVICES, clustered_rows, integer_rows
+from conftest import DEVICES, clustered_rows, integer_rows, kernel_params, use_kernel
 
-CORESET_DEVICES = ["cpu"] + [f"cuda:{kernel}" for kernel in patchcore_fast.coreset.CUDA_KERNELS if "cuda" in DEVICES]
+CORESET_KERNELS = kernel_params() + [f"cuda:{k}" for k in patchcore_fast.coreset.CUDA_KERNELS if "cuda" in DEVICES]
 
 
-@pytest.fixture(params=CORESET_DEVICES)
+@pytest.fixture(params=CORESET_KERNELS)
 def device(request, monkeypatch):
-    """The CPU kernel, and each CUDA kernel when a GPU is present."""
-    name, _, kernel = request.param.partition(":")
-    if kernel:
-        monkeypatch.setattr(patchcore_fast.coreset, "CUDA_KERNEL", kernel)
-    return torch.device(name)
+    """Each CPU instruction-set path this CPU runs, and each CUDA kernel when a GPU is present."""
+    return use_kernel(request.param, monkeypatch, patchcore_fast.coreset)
 
 
 def start(space, seed=0):
@@ -84,6 +81,16 @@ def test_projected_mode_matches_reference_pipeline(device):
     assert len(ours) == int(4099 * 0.05)
     assert_greedy(space, ours, initial)
     assert torch.equal(ours[:40].cpu(), greedy_coreset_reference(space, initial, 40))
+
+
+@pytest.mark.parametrize("rows, n", [(3, 3), (5, 2), (64, 64), (700, 1), (700, 31), (700, 33), (1300, 65), (1300, 200)])
+def test_batch_and_tile_edges(device, rows, n):
+    """Fewer rows than the candidate list, batches that end mid-panel, one pick, n = N."""
+    g = torch.Generator().manual_seed(rows + n)
+    x = integer_rows(rows, 21, g)
+    initial = start(x)
+    ours = patchcore_fast.greedy_coreset(x.to(device), n=n, projection_dim=None, initial_distances=initial.to(device))
+    assert torch.equal(ours.cpu(), greedy_coreset_reference(x, initial, n))
 
 
 def test_seed_repeats_and_varies(device):

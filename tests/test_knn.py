@@ -10,19 +10,16 @@ import torch
 import patchcore_fast
 from patchcore_fast.reference import knn_reference
 
-from conftest import DEVICES, clustered_rows, integer_rows
+from conftest import DEVICES, clustered_rows, integer_rows, kernel_params, use_kernel
 
 knn_module = sys.modules["patchcore_fast.knn"]  # patchcore_fast.knn is the function
-KNN_DEVICES = ["cpu"] + [f"cuda:{kernel}" for kernel in knn_module.CUDA_KERNELS if "cuda" in DEVICES]
+KNN_KERNELS = kernel_params() + [f"cuda:{k}" for k in knn_module.CUDA_KERNELS if "cuda" in DEVICES]
 
 
-@pytest.fixture(params=KNN_DEVICES)
+@pytest.fixture(params=KNN_KERNELS)
 def device(request, monkeypatch):
-    """The CPU kernel, and each CUDA warp layout when a GPU is present."""
-    name, _, kernel = request.param.partition(":")
-    if kernel:
-        monkeypatch.setattr(knn_module, "CUDA_KERNEL", kernel)
-    return torch.device(name)
+    """Each CPU instruction-set path this CPU runs, and each CUDA warp layout when a GPU is present."""
+    return use_kernel(request.param, monkeypatch, knn_module)
 
 
 @pytest.mark.parametrize("k", [1, 2, 9, 16])
@@ -79,11 +76,23 @@ def test_more_neighbours_than_the_cuda_lists_hold(device):
     assert torch.equal(i.cpu(), ri) and torch.equal(d.cpu(), rd)
 
 
-def test_small_tiles_give_the_same_answer():
+@pytest.mark.parametrize("queries", [1, 5, 13, 97])
+@pytest.mark.parametrize("bank", [1, 7, 31, 33, 65])
+def test_sizes_around_the_tile_shapes(device, queries, bank):
+    """Query and bank counts below, at and past the register tiles (4-12 queries x 8-32 bank rows)."""
+    g = torch.Generator().manual_seed(queries * 100 + bank)
+    q, b = integer_rows(queries, 19, g), integer_rows(bank, 19, g)
+    k = min(3, bank)
+    d, i = patchcore_fast.knn(q.to(device), b.to(device), k)
+    rd, ri = knn_reference(q, b, k)
+    assert torch.equal(i.cpu(), ri) and torch.equal(d.cpu(), rd)
+
+
+def test_reference_chunks_give_the_same_answer():
     g = torch.Generator().manual_seed(3)
     queries, bank = integer_rows(1000, 33, g), integer_rows(5000, 33, g)
-    full = patchcore_fast.knn(queries, bank, 4)
-    tiny = patchcore_fast.knn(queries, bank, 4, tile_elems=999)
+    full = knn_reference(queries, bank, 4)
+    tiny = knn_reference(queries, bank, 4, chunk_elems=999)
     assert torch.equal(full[0], tiny[0]) and torch.equal(full[1], tiny[1])
 
 
@@ -106,8 +115,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
 
-def test_cpu_memory_stays_within_the_tile_budget():
-    # A full 20000 x 20000 float32 distance matrix would take 1.6 GB; the default tile is 64 MiB.
+def test_cpu_memory_stays_bounded():
+    # A full 20000 x 20000 float32 distance matrix would take 1.6 GB; the kernel holds register tiles.
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     grown_kib = int(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,37 @@
+"""Real patch features for the benchmarks: tire's training images (MVTec 3D-AD RGB, in
+../shared/data) through EfficientNet-Lite0, extracted once and cached outside the repository.
+
+164,640 rows x 1024 (210 images x 784 patches), 0.67 GB of float32. The cache lives in
+$PATCHCORE_BENCH_CACHE or ~/.cache/patchcore_fast (never in the project tree).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TIRE_TRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec3d_rgb" / "tire" / "train" / "good"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PATCHCORE_BENCH_CACHE", Path.home() / ".cache" / "patchcore_fast"))
+
+
+def tire_features() -> torch.Tensor | None:
+    """[164640, 1024] float32 features of tire/train/good, or None where the data is absent."""
+    path = cache_dir() / "tire_train_efficientnet_lite0.pt"
+    if path.exists():
+        return torch.load(path)
+    if not TIRE_TRAIN.is_dir():
+        return None
+    from patchcore_fast import PatchCore
+
+    model = PatchCore(backbone="efficientnet_lite0", device="cpu", progress=False)
+    features = model.extract(TIRE_TRAIN).reshape(-1, model.settings["embed_dim"]).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(features, tmp)
+    tmp.replace(path)
+    return features
