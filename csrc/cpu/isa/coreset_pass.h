@@ -50,6 +50,9 @@ void coreset_pass(const CoresetPass& p, int64_t lo, int64_t hi, TopRows& top) {
   alignas(64) float tile[kRows * kPanel];
 
   for_each_row_group(p.rows, dim, lo, hi, scratch, [&](const float* a, int64_t stride, int64_t first, int count) {
+    // The next group's rows come from L3 or memory: ask for them while this group computes.
+    const int64_t next_end = (first + 2 * kRows < hi ? first + 2 * kRows : hi) * dim;
+    for (int64_t f = (first + kRows) * dim; f < next_end; f += 64 / sizeof(float)) __builtin_prefetch(p.rows + f);
     for (int panel = 0; panel < panels; ++panel) {
       dot_tile(a, stride, p.centres + panel * dim * kPanel, dim, tile);
       const int first_centre = panel * kPanel;
