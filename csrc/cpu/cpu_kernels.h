@@ -12,7 +12,7 @@
 namespace patchcore::cpu {
 
 // Most candidates a coreset pass keeps for the batched selection (see greedy_coreset_cpu.cpp).
-constexpr int kCandidates = 64;
+constexpr int kCandidates = 96;
 
 // The (value, index) pairs with the largest values seen, lower index first on equal values.
 struct TopRows {

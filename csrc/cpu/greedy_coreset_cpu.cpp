@@ -12,7 +12,7 @@
 //    its minimum brought up to date with the picks made since the pass, is the farthest row
 //    overall as long as its value is above T (strictly, so that a row outside the candidates
 //    cannot tie with a lower index). The first pick after a pass is always certain; the batch
-//    ends at the first pick that is not, or at kMaxBatch picks.
+//    ends at the first pick that is not, or when the batch is full (kBatchLimit).
 // Every pick is exactly the one the one-pick-per-pass loop makes, with the same distances.
 //
 // Inside a pass the distances come from dot products (register tiles of rows x centres)
@@ -38,8 +38,10 @@ namespace {
 using cpu::kCandidates;
 using cpu::TopRows;
 
-// Picks per pass at most: enough to make the pass bound by arithmetic rather than memory.
-constexpr int kMaxBatch = 32;
+// Picks per pass at most: the whole panels of centres (24 or 32 wide) that fit in 48, enough to
+// make the pass bound by arithmetic rather than memory.
+constexpr int kBatchLimit = 48;
+int max_batch(int panel_width) { return std::max(1, kBatchLimit / panel_width) * panel_width; }
 
 struct Candidate {
   float value;     // the row's minimum after centres [0, applied) of the current batch
@@ -57,7 +59,7 @@ class Batch {
  public:
   Batch(const float* rows, int64_t dim, int panel_width)
       : rows_(rows), dim_(dim), width_(panel_width),
-        capacity_((kMaxBatch + panel_width - 1) / panel_width * panel_width),
+        capacity_(max_batch(panel_width)),
         packed_(capacity_ * dim, 0.f), norm_sq_(capacity_, 0.f), norm_(capacity_, 0.f), index_(capacity_, 0) {}
 
   void clear() {
@@ -79,6 +81,7 @@ class Batch {
   }
 
   int size() const { return size_; }
+  int capacity() const { return capacity_; }
   int64_t centre(int j) const { return index_[j]; }
 
   void describe(cpu::CoresetPass& pass) const {
@@ -112,7 +115,7 @@ int pick_batch(const std::vector<TopRows>& tops, const cpu::Kernels& kernels, co
   merged.resize(std::min<size_t>(merged.size(), kCandidates));
 
   batch.clear();
-  while (step < n && batch.size() < kMaxBatch) {
+  while (step < n && batch.size() < batch.capacity()) {
     // Lazy argmax: candidates' values are upper bounds; bring the leader up to date until the
     // leader is current. Stale values only fall, so a current leader is the true one. Rows
     // selected in earlier batches sit at -1 and are never leaders.
