@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchcore_fast.coreset import mean_start_distances, random_projection
+from patchcore_fast.coreset import seeded_start
 from patchcore_fast.reference import greedy_coreset_reference
 
 
@@ -12,11 +12,7 @@ def authors_coreset(features: torch.Tensor, ratio: float | None, projection_dim:
                     n: int | None = None):
     """The authors' approximate greedy sampler: projection, mean-distance start, per-step loop
     (int(N * ratio) picks, or `n`)."""
-    g = torch.Generator().manual_seed(seed)
-    space = features
-    if projection_dim is not None:
-        space = features @ random_projection(features.shape[1], projection_dim, g).to(features.device).T
-    initial = mean_start_distances(space, 10, g)
+    space, initial = seeded_start(features, projection_dim, 10, seed)
     return greedy_coreset_reference(space, initial, n if n is not None else int(features.shape[0] * ratio))
 
 

@@ -66,13 +66,6 @@ def cpu_model() -> str:
     return "unknown"
 
 
-@pytest.fixture
-def cuda_variant(monkeypatch):
-    """Selects a not-default CUDA kernel of `module` for one benchmark; skips on the CPU."""
-
-    def use(device, module, kernel):
-        if device.type != "cuda":
-            pytest.skip(f"{kernel} is a CUDA kernel")
-        monkeypatch.setattr(module, "CUDA_KERNEL", kernel)
-
-    return use
+def cuda_only(device, what):
+    if device.type != "cuda":
+        pytest.skip(f"{what} is a CUDA kernel")

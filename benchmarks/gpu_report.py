@@ -22,11 +22,11 @@ import patchcore_fast  # noqa: E402
 from patchcore_fast import metrics  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from baselines import authors_coreset, cdist_topk, matmul_min  # noqa: E402
-from patchcore_fast.coreset import mean_start_distances, random_projection  # noqa: E402
+from patchcore_fast.coreset import seeded_start  # noqa: E402
 from patchcore_fast.reference import knn_reference  # noqa: E402
 from workloads import W1  # noqa: E402
 
-knn_module = importlib.import_module("patchcore_fast.knn")  # the package's `knn` attribute is the function
+knn_module = importlib.import_module("patchcore_fast.knn")  # for CUDA_KERNELS (the package's `knn` is the function)
 
 
 def cuda_time(fn, reps, warmup=1):
@@ -139,10 +139,9 @@ def main():
     base_k9 = cuda_time(lambda: cdist_topk(test, bank, 9), 5)
     add("knn_k9", "cdist_topk", base_k9)
     for kernel in knn_module.CUDA_KERNELS:
-        knn_module.CUDA_KERNEL = kernel
         impl = f"patchcore_fast_{kernel}"
         for k in (1, 9):
-            d, i = patchcore_fast.knn(test, bank, k)
+            d, i = patchcore_fast.knn(test, bank, k, cuda_kernel=kernel)
             rd, ri = reference[k]
             rel = ((d - rd).abs() / rd.clamp_min(1e-12)).max().item()
             checks[f"knn_k{k}_{kernel}"] = {"indices_equal_fraction": (i == ri).float().mean().item(),
@@ -151,15 +150,14 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        patchcore_fast.knn(test, bank, 1)
+        patchcore_fast.knn(test, bank, 1, cuda_kernel=kernel)
         torch.cuda.synchronize()
         checks[f"knn_extra_peak_bytes_{kernel}"] = torch.cuda.max_memory_allocated() - before
-        add("knn_k1", impl, cuda_time(lambda: patchcore_fast.knn(test, bank, 1), 20), base_k1,
+        add("knn_k1", impl, cuda_time(lambda: patchcore_fast.knn(test, bank, 1, cuda_kernel=kernel), 20), base_k1,
             flops=knn_flops, bytes_=knn_bytes)
-        add("knn_k9", impl, cuda_time(lambda: patchcore_fast.knn(test, bank, 9), 20), base_k9,
+        add("knn_k9", impl, cuda_time(lambda: patchcore_fast.knn(test, bank, 9, cuda_kernel=kernel), 20), base_k9,
             flops=knn_flops, bytes_=knn_bytes)
         save()
-    knn_module.CUDA_KERNEL = "warp16x128"
 
     # --- metrics on 5 M pixels (100 maps of 224 x 224) ---------------------------------------
     maps, masks = metric_inputs("cuda")
@@ -171,9 +169,7 @@ def main():
     save()
 
     # --- coreset 10 %, 128-d projection, and 1 % exact 1024-d: each CUDA kernel ---------------
-    g = torch.Generator().manual_seed(0)
-    space = train @ random_projection(w.dim, 128, g).cuda().T
-    initial = mean_start_distances(space, 10, g)
+    space, initial = seeded_start(train)
     steps = w.bank_rows
     n_exact = int(w.rows * 0.01)
     coreset_flops = 3.0 * steps * w.rows * 128  # subtract, multiply, add per element per step
@@ -185,10 +181,9 @@ def main():
     add("coreset_1pct_exact", "authors_loop", base_exact)
     picks_by_kernel = {}
     for kernel in patchcore_fast.coreset.CUDA_KERNELS:
-        patchcore_fast.coreset.CUDA_KERNEL = kernel
         impl = f"patchcore_fast_{kernel}"
-        ours = patchcore_fast.greedy_coreset(train, w.ratio)
-        ours_exact = patchcore_fast.greedy_coreset(train, 0.01, projection_dim=None)
+        ours = patchcore_fast.greedy_coreset(train, w.ratio, cuda_kernel=kernel)
+        ours_exact = patchcore_fast.greedy_coreset(train, 0.01, projection_dim=None, cuda_kernel=kernel)
         same = ours == ref
         first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else len(ours)
         check = {
@@ -206,19 +201,18 @@ def main():
         checks[f"coreset_{kernel}"] = check
         print(f"coreset check ({kernel})", check, flush=True)
         save()
-        add("coreset_10pct_128d", impl, cuda_time(lambda: patchcore_fast.greedy_coreset(train, w.ratio), 10),
+        add("coreset_10pct_128d", impl, cuda_time(lambda: patchcore_fast.greedy_coreset(train, w.ratio, cuda_kernel=kernel), 10),
             base, flops=coreset_flops, bytes_=w.rows * w.dim * 4)
         kernel_only = cuda_time(
             lambda: patchcore_fast._extension._C.greedy_coreset(space, initial, steps, cuda_kernel=kernel), 10)
         add("coreset_10pct_128d_kernel", impl, kernel_only, base, flops=coreset_flops)
         add("coreset_1pct_exact", impl,
-            cuda_time(lambda: patchcore_fast.greedy_coreset(train, 0.01, projection_dim=None), 5), base_exact,
+            cuda_time(lambda: patchcore_fast.greedy_coreset(train, 0.01, projection_dim=None, cuda_kernel=kernel), 5), base_exact,
             flops=3.0 * n_exact * w.rows * w.dim, bytes_=w.rows * w.dim * 4)
         if kernel == "resident":
             checks["coreset_resident_stages_10pct"] = stage_breakdown(space, initial, steps, kernel_only)
             print("resident stages, 10 % 128-d:", checks["coreset_resident_stages_10pct"], flush=True)
         save()
-    patchcore_fast.coreset.CUDA_KERNEL = "cached"
 
     save()
     print(json.dumps(checks, indent=1))

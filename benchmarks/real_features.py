@@ -29,7 +29,7 @@ def tire_features() -> torch.Tensor | None:
     from patchcore_fast import PatchCore
 
     model = PatchCore(backbone="efficientnet_lite0", device="cpu", progress=False)
-    features = model.extract(TIRE_TRAIN).reshape(-1, model.settings["embed_dim"]).contiguous()
+    features = model.extract(TIRE_TRAIN).reshape(-1, model.config.embed_dim).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(features, tmp)

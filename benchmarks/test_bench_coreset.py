@@ -4,29 +4,33 @@ On the CPU each instruction-set path this CPU runs is timed in the same run as t
 loop, with the same thread count (torch's for the loop, OpenMP's for ours: both the cores).
 """
 
+import functools
+
 import pytest
 
 import patchcore_fast
 from baselines import authors_coreset
-from conftest import CPU_PATHS
+from conftest import CPU_PATHS, cuda_only
 from real_features import tire_features
 
 IMPLS = [f"patchcore_fast_{path}" for path in CPU_PATHS] + ["patchcore_fast_cuda", "patchcore_fast_resident", "authors_loop"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_coreset_10pct_projected(workload, timed, benchmark, impl, cuda_variant, cpu_path):
+def test_coreset_10pct_projected(workload, timed, benchmark, impl, cpu_path):
     device, w, train, _, _ = workload
+    coreset = patchcore_fast.greedy_coreset
     if impl == "patchcore_fast_resident":
-        cuda_variant(device, patchcore_fast.coreset, "resident")
-    elif impl == "patchcore_fast_cuda" and device.type != "cuda":
-        pytest.skip("CUDA kernel")
+        cuda_only(device, "resident")
+        coreset = functools.partial(coreset, cuda_kernel="resident")
+    elif impl == "patchcore_fast_cuda":
+        cuda_only(device, "patchcore_fast_cuda")
     elif impl.startswith("patchcore_fast_") and impl.split("_")[-1] in CPU_PATHS:
         cpu_path(device, impl.split("_")[-1], benchmark)
     benchmark.group = f"coreset-10pct-128d-{w.name}-{device.type}"
     benchmark.extra_info.update(workload=w.name, device=device.type, baseline=impl == "authors_loop")
     if impl.startswith("patchcore_fast"):
-        picks = timed(device, patchcore_fast.greedy_coreset, 5, train, w.ratio)
+        picks = timed(device, coreset, 5, train, w.ratio)
     else:
         picks = timed(device, authors_coreset, 3 if device.type == "cpu" else 2, train, w.ratio)
     assert len(picks) == w.bank_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -46,7 +47,26 @@ def float_vector(value, name: str, length: int, device: torch.device) -> torch.T
         raise ValueError(f"{name} contains NaN or infinite values")
     if bool((value < 0).any()):
         raise ValueError(f"{name} must be non-negative distances")
-    return value
+    return value + 0.0  # -0.0 becomes +0.0: as a sign bit it would outrank every distance in a packed key
+
+
+def distances_fit_float32(value: torch.Tensor, name: str, other: torch.Tensor | None = None) -> None:
+    """Refuses values so large that a float32 squared distance between rows could overflow.
+
+    With every |x_j| <= a, |q|^2 + |b|^2 + 2 |q.b| <= 4 dim a^2; keeping that below float32's
+    largest value means no path (expanded form, direct form, any summation order) ever meets
+    inf or NaN, so results are defined and equal everywhere.
+    """
+    largest = max(_max_abs(value), _max_abs(other) if other is not None else 0.0)
+    limit = math.sqrt(torch.finfo(torch.float32).max / (4.0 * value.shape[1]))
+    if largest > limit:
+        raise ValueError(f"{name} hold values up to {largest:.3g}; beyond {limit:.3g} (for dim {value.shape[1]}) "
+                         "squared distances overflow float32: rescale the features")
+
+
+def _max_abs(value: torch.Tensor) -> float:
+    low, high = torch.aminmax(value)
+    return max(-float(low), float(high))
 
 
 def integer(value, name: str, low: int, high: int | None = None) -> int:

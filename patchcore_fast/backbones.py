@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
+
 #: Stages at strides 8 and 16, the stand-ins for WideResNet's layer2 and layer3.
 DEFAULT_LAYERS = {"efficientnet_lite0": ("blocks.4", "blocks.10")}
 RESNET_DEFAULT_LAYERS = ("layer2", "layer3")
@@ -118,8 +120,21 @@ def _efficientnet_lite0(layers, weights, image_size, seed):
     else:
         path = Path(weights)
     model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    model.load_state_dict(_load_state_dict(path), strict=False)
+    _load_strictly(model, path, "efficientnet_lite0")
     return model, path
+
+
+def _load_strictly(model: nn.Module, path: Path, name: str) -> None:
+    """Every parameter from the file and nothing else: another network's weights are refused."""
+    try:
+        result = model.load_state_dict(_load_state_dict(path), strict=False)
+    except RuntimeError as error:  # shapes that do not fit
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise ValueError(f"{path} does not hold {name} weights: {first}") from error
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path} does not hold {name} weights: {len(result.missing_keys)} missing "
+                         f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
+                         f"(e.g. {result.unexpected_keys[:3]})")
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -148,15 +163,16 @@ def _torchvision(name, layers, weights, seed):
             available = torchvision.models.get_model_weights(name).__members__
             model = torchvision.models.get_model(name, weights="IMAGENET1K_V1" if "IMAGENET1K_V1" in available else "DEFAULT")
         except Exception as error:  # no internet and nothing in the torch hub cache
-            raise RuntimeError(
+            raise UserError(
                 f"cannot obtain ImageNet weights for {name}: {error}. Either let torchvision download them once "
-                f"(internet access; they are cached under {torch.hub.get_dir()}/checkpoints), or pass "
-                "weights=PATH to a local state_dict file. weights='random' gives untrained weights."
+                f"(internet access; they are cached under {torch.hub.get_dir()}/checkpoints), or pass a local "
+                "state_dict file (weights=PATH in Python, --weights PATH on the command line); weights='random' "
+                "gives untrained weights."
             ) from error
     else:
         path = Path(weights)
         model = torchvision.models.get_model(name, weights=None)
-        model.load_state_dict(_load_state_dict(path))
+        _load_strictly(model, path, name)
     missing = [layer for layer in layers if layer not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"{name} has no layer(s) {missing}; e.g. layer1 .. layer4 for ResNets")

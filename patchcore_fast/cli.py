@@ -6,18 +6,16 @@ import argparse
 import csv
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 
-def _layers(values):
-    return None if not values else tuple(int(v) if v.isdigit() else v for v in values)
-
-
 def _model_args(args) -> dict:
-    return dict(backbone=args.backbone, layers=_layers(args.layers), image_size=args.image_size,
-                resize=args.resize, device=args.device, weights=args.weights)
+    # Layer names go to the backbone as given; backbones.normalise_layers reads plain numbers as layerN.
+    return dict(backbone=args.backbone, layers=tuple(args.layers) if args.layers else None,
+                image_size=args.image_size, resize=args.resize, device=args.device, weights=args.weights)
 
 
 def cmd_fit(args) -> None:
@@ -30,16 +28,10 @@ def cmd_fit(args) -> None:
     print(f"saved {args.out}: memory bank {tuple(model.memory_bank.shape)} from {len(data.train)} images")
 
 
-def _mask_for(path: Path):
-    """The MVTec AD ground-truth mask of an image at <cat>/test/<defect>/<name>, if there is one."""
-    candidate = path.parent.parent.parent / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-    return candidate if path.parent.parent.name == "test" and candidate.is_file() else None
-
-
 def cmd_predict(args) -> None:
-    from .data import TestImage, image_files, iter_batches, load_mask
+    from .data import TestImage, image_files, load_mask, mvtec_mask_path
     from .model import PatchCore
-    from .overlay import save_overlay
+    from .overlay import save_overlays
 
     model = PatchCore.load(args.model, device=args.device, progress=not args.quiet)
     paths = []
@@ -62,14 +54,12 @@ def cmd_predict(args) -> None:
         for path, score in zip(paths, pred.scores.tolist()):
             writer.writerow([str(path), f"{score:.6f}"])
     low, high = float(pred.maps.min()), float(pred.maps.max())
-    index = 0
-    for batch in iter_batches(paths, model.transform, model.batch_size):
-        for image in batch:
-            path = paths[index]
-            mask_path = _mask_for(path)
-            mask = load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None
-            save_overlay(out / f"{index:04d}_{path.stem}.png", image, pred.maps[index], low, high, mask)
-            index += 1
+    masks = []
+    for path in paths:
+        mask_path = mvtec_mask_path(path)
+        masks.append(load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None)
+    save_overlays(out, paths, [f"{i:04d}_{p.stem}.png" for i, p in enumerate(paths)], pred.maps, masks,
+                  model.transform, model.batch_size, low, high)
     print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
 
 
@@ -101,13 +91,24 @@ def cmd_demo(args) -> None:
 def cmd_kernels(args) -> None:
     from .kernel_demo import demo
 
-    demo(args.train_images, args.test_images, torch.device(args.device))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    demo(args.train_images, args.test_images, torch.device(device))
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """--quiet, --debug and --device, accepted before and after the subcommand. On the subcommands
+    their defaults are suppressed, so a flag given before the subcommand is not reset after it."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    common.add_argument("--quiet", action="store_true", default=default(False), help="no progress bars")
+    common.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks of errors")
+    common.add_argument("--device", default=default(None), help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchcore-fast", description=__doc__)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="patchcore-fast", description=__doc__, parents=[_common_options(False)])
+    after = [_common_options(True)]
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p, ratio=True):
@@ -117,24 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
         p.add_argument("--image-size", type=int, default=224)
         p.add_argument("--resize", type=int, default=256)
-        p.add_argument("--device", default=None)
         p.add_argument("--weights", default=None, help="backbone weights file (default: ImageNet)")
 
-    p = sub.add_parser("fit", help="fit on ROOT/CATEGORY/train/good and save the model")
+    p = sub.add_parser("fit", parents=after, help="fit on ROOT/CATEGORY/train/good and save the model")
     p.add_argument("root")
     p.add_argument("--category", required=True)
     p.add_argument("--out", required=True)
     model_options(p)
     p.set_defaults(run=cmd_fit)
 
-    p = sub.add_parser("predict", help="score images with a saved model")
+    p = sub.add_parser("predict", parents=after, help="score images with a saved model")
     p.add_argument("model")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default="predictions")
-    p.add_argument("--device", default=None)
     p.set_defaults(run=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="fit and evaluate MVTec AD-layout categories")
+    p = sub.add_parser("evaluate", parents=after, help="fit and evaluate MVTec AD-layout categories")
     p.add_argument("root")
     p.add_argument("--categories", nargs="+")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.1])
@@ -142,31 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p, ratio=False)
     p.set_defaults(run=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the offline demo: synthetic defects on real textures, EfficientNet-Lite0")
+    p = sub.add_parser("demo", parents=after, help="the offline demo: synthetic defects on real textures, EfficientNet-Lite0")
     p.add_argument("--out", default="demo-results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="where to keep the generated dataset (default: a cache folder)")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.1])
-    p.add_argument("--device", default=None)
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("kernels", help="time the coreset and knn kernels against the references on random data")
+    p = sub.add_parser("kernels", parents=after, help="time the coreset and knn kernels against the references on random data")
     p.add_argument("--train-images", type=int, default=40)
     p.add_argument("--test-images", type=int, default=20)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=cmd_kernels)
     return parser
 
 
 def main(argv=None) -> int:
+    from .errors import UserError
+
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
+    except (FileNotFoundError, ValueError, OSError, UserError) as error:
+        # Bad input, files or setup: one line, exit code 2 (--debug shows where).
         if args.debug:
             raise
         print(f"patchcore-fast: error: {error}", file=sys.stderr)
         return 2
+    except Exception:  # anything else is a bug in patchcore_fast (or below it): never dressed up
+        traceback.print_exc()
+        print("patchcore-fast: internal error: this is a bug; please report it with the traceback above "
+              "and the output of `patchcore-fast kernels`", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,11 +13,11 @@ from ._extension import _C, compiled
 from .reference.coreset import greedy_coreset_reference, pairwise_l2
 
 
-# The CUDA kernel that runs the selection (both give the same picks): "cached", the one
+# The CUDA kernels that run the selection (both give the same picks): "cached", the one
 # measured on an H200 (benchmarks/NOTES.md), or "resident", which keeps a W1-sized
 # selection on chip and has not yet run on a GPU. benchmarks/gpu_report.py times both.
 CUDA_KERNELS = ("cached", "resident")
-CUDA_KERNEL = "cached"
+DEFAULT_CUDA_KERNEL = "cached"
 
 
 def random_projection(dim_in: int, dim_out: int, generator: torch.Generator) -> torch.Tensor:
@@ -32,6 +32,21 @@ def mean_start_distances(space: torch.Tensor, num_starts: int, generator: torch.
     (drawn without replacement; they are not selected)."""
     starts = torch.randperm(space.shape[0], generator=generator)[:num_starts].to(space.device)
     return pairwise_l2(space, space[starts]).mean(dim=1)
+
+
+def seeded_start(features: torch.Tensor, projection_dim: int | None = 128, num_starts: int = 10, seed: int = 0,
+                 draw_start: bool = True):
+    """The authors' seeded setup, the one place it is written: one CPU generator seeded with `seed`
+    draws the projection (skipped when projection_dim is None or equals the width), then the
+    start rows. Returns (selection space [N, projection_dim], start distances [N] or None)."""
+    generator = torch.Generator().manual_seed(seed)
+    space = features
+    dim = features.shape[1]
+    if projection_dim is not None and projection_dim != dim:  # the authors skip an identity-sized map
+        space = features @ random_projection(dim, projection_dim, generator).to(features.device).T
+    if not draw_start:
+        return space, None
+    return space, mean_start_distances(space, min(num_starts, len(space)), generator)
 
 
 def coreset_size(num_rows: int, ratio=None, n=None) -> int:
@@ -57,6 +72,7 @@ def greedy_coreset(
     num_starts: int = 10,
     seed: int = 0,
     initial_distances: torch.Tensor | None = None,
+    cuda_kernel: str = DEFAULT_CUDA_KERNEL,
 ) -> torch.Tensor:
     """Greedy k-center coreset of the rows of `features` [N, D]: int64 indices in selection order.
 
@@ -72,7 +88,9 @@ def greedy_coreset(
     projection weights and then the start points, so a given seed gives the same
     projection and start on every device; the selection itself is deterministic
     (ties go to the lowest index), so results repeat exactly for a seed on a device.
-    float16/bfloat16 features are upcast; the selection runs in float32.
+    float16/bfloat16 features are upcast; the selection runs in float32. `cuda_kernel` picks
+    the CUDA kernel (same picks; see CUDA_KERNELS). Values so large that squared distances
+    would overflow float32 are refused with a ValueError.
     """
     features = _checks.float_matrix(features, "features")
     num_rows, dim = features.shape
@@ -81,17 +99,14 @@ def greedy_coreset(
     if projection_dim is not None:
         projection_dim = _checks.integer(projection_dim, "projection_dim", 1)
     seed = _checks.integer(seed, "seed", 0)
+    if cuda_kernel not in CUDA_KERNELS:
+        raise ValueError(f"cuda_kernel must be one of {CUDA_KERNELS}, got {cuda_kernel!r}")
 
-    generator = torch.Generator().manual_seed(seed)
-    space = features
-    if projection_dim is not None and projection_dim != dim:  # the authors skip an identity-sized map
-        weights = random_projection(dim, projection_dim, generator).to(features.device)
-        space = features @ weights.T
-    if initial_distances is None:
-        initial = mean_start_distances(space, min(num_starts, num_rows), generator)
-    else:
+    space, initial = seeded_start(features, projection_dim, num_starts, seed, draw_start=initial_distances is None)
+    _checks.distances_fit_float32(space, "features" if space is features else "projected features")
+    if initial_distances is not None:
         initial = _checks.float_vector(initial_distances, "initial_distances", num_rows, features.device)
 
     if compiled(features.device):
-        return _C.greedy_coreset(space, initial, size, cuda_kernel=CUDA_KERNEL)
+        return _C.greedy_coreset(space, initial, size, cuda_kernel=cuda_kernel)
     return greedy_coreset_reference(space, initial, size)

@@ -48,12 +48,13 @@ class Transform:
         if not batch.is_floating_point():
             raise TypeError(f"image tensors must be floats in [0, 1], got {batch.dtype}")
         batch = batch[:, :3] if batch.shape[1] == 4 else batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+        # Always resize and crop, as for PIL images, even when the tensor already has the crop's size:
+        # an image must give the same input whatever form it arrives in.
         h, w = batch.shape[-2:]
-        if (h, w) != (self.crop, self.crop):
-            nw, nh = self._size((w, h))
+        nw, nh = self._size((w, h))
+        if (nh, nw) != (h, w):
             batch = F.interpolate(batch.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-            batch = self._crop(batch)
-        return batch.float()
+        return self._crop(batch).float()
 
     def _size(self, wh):
         """(width, height) with the short side at `resize`, as torchvision's Resize(int) rounds."""
@@ -194,13 +195,8 @@ class MVTecCategory:
             defect = defect_dir.name
             missing = 0
             for path in image_files(defect_dir):
-                mask = None
-                if defect != "good":
-                    candidate = base / "ground_truth" / defect / f"{path.stem}_mask.png"
-                    if candidate.is_file():
-                        mask = candidate
-                    else:
-                        missing += 1
+                mask = mvtec_mask_path(path)
+                missing += defect != "good" and mask is None
                 test.append(TestImage(path, defect, mask))
             if missing:
                 warnings.warn(f"{missing} image(s) in {defect_dir} have no mask; pixel metrics leave them out",
@@ -215,6 +211,17 @@ class MVTecCategory:
         if not root.is_dir():
             raise FileNotFoundError(f"no such folder: {root}")
         return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+
+
+def mvtec_mask_path(image: Path) -> Path | None:
+    """The ground-truth mask of an MVTec AD test image <category>/test/<defect>/<name>:
+    <category>/ground_truth/<defect>/<stem>_mask.png when it exists; None for good images and
+    for images outside that layout."""
+    image = Path(image)
+    if image.parent.parent.name != "test" or image.parent.name == "good":
+        return None
+    candidate = image.parent.parent.parent / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+    return candidate if candidate.is_file() else None
 
 
 def load_mask(item: TestImage, transform: Transform) -> torch.Tensor | None:

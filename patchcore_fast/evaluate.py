@@ -11,9 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .data import MVTecCategory, iter_batches, load_mask
+from .data import MVTecCategory, load_mask
 from .model import PatchCore
-from .overlay import save_overlay
+from .overlay import save_overlays
 
 METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro", "PRO"))
 STAGES = ("features", "coreset", "search", "maps", "metrics")
@@ -28,19 +28,18 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
     """Fit each coreset ratio on train/good and score test/*. Features are extracted once and shared
     by the ratios. Returns result rows (metrics in percent) and timing rows (seconds per stage)."""
     data = MVTecCategory.open(root, category)
-    model = PatchCore(coreset_ratio=ratios[0], progress=progress, **model_args)
-    train = model.extract(data.train, desc=f"{category} train features")
-    test = model.extract([item.path for item in data.test], desc=f"{category} test features")
-    feature_seconds = model.timings["features"]
+    base = PatchCore(coreset_ratio=ratios[0], progress=progress, **model_args)
+    train = base.extract(data.train, desc=f"{category} train features")
+    test = base.extract([item.path for item in data.test], desc=f"{category} test features")
+    feature_seconds = base.timings["features"]
     labels = torch.tensor([item.is_anomalous for item in data.test])
-    masks = [load_mask(item, model.transform) for item in data.test]
+    masks = [load_mask(item, base.transform) for item in data.test]
     with_mask = [i for i, m in enumerate(masks) if m is not None]
     has_defect_masks = any(masks[i].any() for i in with_mask)
 
     results, timings = [], []
     for n, ratio in enumerate(ratios):
-        model.settings["coreset_ratio"] = ratio
-        model.timings.clear()
+        model = base.with_settings(coreset_ratio=ratio)  # same backbone, features shared
         model.fit_features(train)
         pred = model.score(test)
         start = time.perf_counter()
@@ -65,14 +64,9 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
 
 def write_overlays(folder: Path, model: PatchCore, data: MVTecCategory, pred, masks) -> None:
     low, high = float(pred.maps.min()), float(pred.maps.max())  # one scale per category
-    images = iter_batches([item.path for item in data.test], model.transform, model.batch_size)
-    index = 0
-    for batch in images:
-        for image in batch:
-            item = data.test[index]
-            save_overlay(folder / f"{item.defect}_{item.path.stem}.png", image, pred.maps[index], low, high,
-                         masks[index] if item.is_anomalous else None)
-            index += 1
+    save_overlays(folder, [item.path for item in data.test], [f"{item.defect}_{item.path.stem}.png" for item in data.test],
+                  pred.maps, [masks[i] if item.is_anomalous else None for i, item in enumerate(data.test)],
+                  model.transform, model.batch_size, low, high)
 
 
 def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = True, **model_args):

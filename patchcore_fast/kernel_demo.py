@@ -7,7 +7,7 @@ import time
 import torch
 
 from . import build_info, greedy_coreset, knn
-from .coreset import mean_start_distances, random_projection
+from .coreset import seeded_start
 from .reference import greedy_coreset_reference, knn_reference
 
 
@@ -28,9 +28,7 @@ def demo(train_images: int, test_images: int, device: torch.device) -> None:
     print(f"device {device}: {len(train)} training patches, {len(test)} test patches, dim 1024")
 
     picks, ours = _timed(lambda: greedy_coreset(train, 0.1), device)
-    gen = torch.Generator().manual_seed(0)
-    space = train @ random_projection(1024, 128, gen).to(device).T
-    initial = mean_start_distances(space, 10, gen)
+    space, initial = seeded_start(train)
     ref_picks, ref = _timed(lambda: greedy_coreset_reference(space, initial, len(picks)), device)
     same = (picks == ref_picks).float().mean().item()
     print(f"coreset 10% (128-d): patchcore_fast {ours * 1e3:8.1f} ms | authors' loop {ref * 1e3:8.1f} ms "

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .anomaly_map import anomaly_maps
-from .backbones import BackboneSpec, load_backbone
+from .backbones import FeatureExtractor, load_backbone
+from .config import PatchCoreConfig
+from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
 from .coreset import greedy_coreset
-from .data import Transform, count_images, iter_batches
+from .data import count_images, iter_batches
 from .embedding import patch_embedding
-from .knn import knn
-
-FORMAT_VERSION = 1
+from .errors import UserError
+from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
+from .memory_bank import FORMAT_VERSION, MemoryBank  # noqa: F401  (FORMAT_VERSION: the file format written)
 
 
 @dataclass
@@ -54,51 +52,97 @@ class PatchCore:
     `reweight=True` applies the paper's Eq. 7 to image scores (not in the authors' code).
     `half_precision=True` runs the backbone in bfloat16 (channels_last on CUDA); patch features,
     the coreset and the scores stay float32.
+
+    State: `config` (PatchCoreConfig, immutable: everything that changes features or scores),
+    `extractor` (the backbone it names) and, once fitted, `bank` (MemoryBank). `backbone` may be
+    a name or an already loaded FeatureExtractor (load_backbone), shared between models.
     """
 
-    def __init__(self, backbone: str = "wide_resnet50_2", layers=None, coreset_ratio: float = 0.1,
+    def __init__(self, backbone: str | FeatureExtractor = "wide_resnet50_2", layers=None, coreset_ratio: float = 0.1,
                  projection_dim: int | None = 128, num_neighbors: int = 1, reweight: bool = False,
                  image_size: int = 224, resize: int = 256, device=None, weights: str | None = None,
                  embed_dim: int = 1024, batch_size: int = 16, seed: int = 0, reweight_neighbors: int = 9,
                  half_precision: bool = False, progress: bool = True, skip_bad_images: bool = False,
-                 _extractor=None):
-        if not 0 < coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        for name, value in (("num_neighbors", num_neighbors), ("embed_dim", embed_dim), ("batch_size", batch_size),
-                            ("reweight_neighbors", reweight_neighbors)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.transform = Transform(resize=resize, crop=image_size)
+                 coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL, knn_cuda_kernel: str = DEFAULT_KNN_KERNEL):
+        if isinstance(backbone, FeatureExtractor):
+            if layers is not None or weights is not None:
+                raise ValueError("layers and weights belong to load_backbone when backbone is a loaded FeatureExtractor")
+            extractor = backbone
+        else:
+            extractor = load_backbone(backbone, layers, weights, image_size, seed)
+        config = PatchCoreConfig(backbone=extractor.spec, image_size=image_size, resize=resize, embed_dim=embed_dim,
+                                 half_precision=bool(half_precision), coreset_ratio=coreset_ratio,
+                                 projection_dim=projection_dim, num_neighbors=num_neighbors, reweight=reweight,
+                                 reweight_neighbors=reweight_neighbors, seed=seed,
+                                 coreset_cuda_kernel=coreset_cuda_kernel, knn_cuda_kernel=knn_cuda_kernel)
+        self._setup(config, extractor, device, batch_size, progress, skip_bad_images)
+
+    @classmethod
+    def from_config(cls, config: PatchCoreConfig, extractor: FeatureExtractor | None = None, device=None,
+                    batch_size: int = 16, progress: bool = True, skip_bad_images: bool = False) -> "PatchCore":
+        """A model for `config`; its backbone is loaded (and its weights' SHA-256 checked) unless given."""
+        spec = config.backbone
+        if extractor is None:
+            extractor = load_backbone(spec.name, spec.layers, spec.weights, config.image_size, spec.seed)
+        if extractor.spec != spec:
+            what = "weights" if extractor.spec.weights_sha256 != spec.weights_sha256 else "backbone"
+            raise ValueError(f"the {what} differ from those the config names: {extractor.spec} vs {spec}")
+        model = cls.__new__(cls)
+        model._setup(config, extractor, device, batch_size, progress, skip_bad_images)
+        return model
+
+    def _setup(self, config, extractor, device, batch_size, progress, skip_bad_images):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.config = config
+        self.transform = config.transform
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        self.settings = dict(coreset_ratio=coreset_ratio, projection_dim=projection_dim, num_neighbors=num_neighbors,
-                             reweight=reweight, reweight_neighbors=reweight_neighbors, image_size=image_size,
-                             resize=resize, embed_dim=embed_dim, seed=seed)
         self.batch_size = batch_size
         self.progress = progress
         self.skip_bad_images = skip_bad_images
-        self.half_precision = bool(half_precision)
-        self.extractor = _extractor or load_backbone(backbone, layers, weights, image_size, seed)
-        self.extractor = self.extractor.to(self.device)
-        if self.half_precision:
-            self.extractor = self.extractor.to(dtype=torch.bfloat16)
-            if self.device.type == "cuda":
-                self.extractor = self.extractor.to(memory_format=torch.channels_last)
-        self.memory_bank: torch.Tensor | None = None
-        self.grid: tuple[int, int] | None = None
+        self.extractor = _prepared(extractor, self.device, config.half_precision)
+        self.bank: MemoryBank | None = None
+        self._grid: tuple[int, int] | None = None
         #: Seconds spent per stage (features, coreset, search, maps), accumulated over calls.
         self.timings: dict[str, float] = defaultdict(float)
+
+    def with_settings(self, **changes) -> "PatchCore":
+        """An unfitted model with some scoring settings changed (coreset_ratio, projection_dim,
+        num_neighbors, reweight, reweight_neighbors, seed, the CUDA kernels), sharing this one's
+        backbone. Settings that change the features need a new model."""
+        feature_fields = {"backbone", "image_size", "resize", "embed_dim", "half_precision"}
+        if feature_fields & set(changes):
+            raise ValueError(f"{sorted(feature_fields & set(changes))} change the features: build a new PatchCore")
+        model = PatchCore.from_config(self.config.replace(**changes), self.extractor, self.device, self.batch_size,
+                                      self.progress, self.skip_bad_images)
+        model._grid = self._grid
+        return model
+
+    @property
+    def memory_bank(self) -> torch.Tensor | None:
+        """The bank's features [M, embed_dim], or None before fitting."""
+        return None if self.bank is None else self.bank.features
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, cols) of one image: fixed by the backbone and the image size."""
+        if self._grid is None:
+            probe = torch.zeros(1, 3, self.config.image_size, self.config.image_size)
+            with torch.no_grad():
+                self.embed(probe)
+        return self._grid
 
     # ------------------------------------------------------------------ features
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] in [0, 1] -> patch features [B, h * w, embed_dim] (float32)."""
         images = images.to(self.device, non_blocking=True)
-        if self.half_precision:
+        if self.config.half_precision:
             images = images.to(torch.bfloat16)
             if self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-        features, grid = patch_embedding(self.extractor(images), self.settings["embed_dim"])
-        self.grid = grid
+        features, grid = patch_embedding(self.extractor(images), self.config.embed_dim)
+        self._grid = tuple(grid)
         return features.reshape(len(images), grid[0] * grid[1], -1)
 
     def _batches(self, data, desc, total=None):
@@ -137,20 +181,27 @@ class PatchCore:
 
     @torch.no_grad()
     def fit_features(self, features: torch.Tensor) -> "PatchCore":
-        """Build the memory bank from patch features [images, patches, dim] (or [rows, dim])."""
+        """Build the memory bank from patch features [images, patches, dim] (or [rows, dim]) from `extract`."""
+        c = self.config
+        if features.dim() not in (2, 3) or features.shape[-1] != c.embed_dim:
+            raise ValueError(f"features must be [images, patches, {c.embed_dim}] or [rows, {c.embed_dim}], "
+                             f"got {tuple(features.shape)}")
+        if features.dim() == 3 and features.shape[1] != self.grid[0] * self.grid[1]:
+            raise ValueError(f"features have {features.shape[1]} patches per image; this model's images give "
+                             f"{self.grid[0]} x {self.grid[1]}")
         features = features.reshape(-1, features.shape[-1])
         with self._timed("coreset"), tqdm(total=1, desc="coreset", disable=not self.progress) as bar:
-            picks = greedy_coreset(features, self.settings["coreset_ratio"],
-                                   projection_dim=self.settings["projection_dim"], seed=self.settings["seed"])
+            picks = greedy_coreset(features, c.coreset_ratio, projection_dim=c.projection_dim, seed=c.seed,
+                                   cuda_kernel=c.coreset_cuda_kernel)
             bar.update()
-        self.memory_bank = features[picks].contiguous()
+        self.bank = MemoryBank(features[picks].contiguous(), self.grid, c)
         return self
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
     def predict(self, data) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts."""
-        self._check_fitted()
+        self._fitted_bank()
         parts = []
         for batch in self._batches(data, "scoring", count_images(data)):
             with self._timed("features"):
@@ -163,80 +214,70 @@ class PatchCore:
     @torch.no_grad()
     def score(self, features: torch.Tensor, batch_size: int = 64) -> Prediction:
         """Scores and maps (on the CPU) for patch features [images, patches, dim] from `extract`."""
-        self._check_fitted()
+        bank = self._fitted_bank()
+        c = self.config
         scores, maps = [], []
-        k = min(self.settings["num_neighbors"], len(self.memory_bank))
+        k = min(c.num_neighbors, len(bank))
         for start in range(0, len(features), batch_size):
             chunk = features[start : start + batch_size].to(self.device)
             b, patches, dim = chunk.shape
             with self._timed("search"):
-                distances, indices = knn(chunk.reshape(-1, dim), self.memory_bank, k)
+                distances, indices = bank.search(chunk.reshape(-1, dim), k)
                 patch_scores = distances.mean(dim=1).reshape(b, patches)  # the authors average over k
                 image_scores, worst = patch_scores.max(dim=1)
-                if self.settings["reweight"]:
+                if c.reweight:
                     rows = torch.arange(b, device=chunk.device)
                     nearest = indices.reshape(b, patches, k)[rows, worst, 0]
-                    image_scores = image_scores * self._reweight(chunk[rows, worst], nearest)
+                    image_scores = image_scores * self._reweight(bank, chunk[rows, worst], nearest)
             with self._timed("maps"):
-                maps.append(anomaly_maps(patch_scores.reshape(b, *self.grid), self.settings["image_size"]).cpu())
+                maps.append(anomaly_maps(patch_scores.reshape(b, *bank.grid), c.image_size).cpu())
             scores.append(image_scores.cpu())
         return Prediction(torch.cat(scores), torch.cat(maps))
 
-    def _check_fitted(self):
-        if self.memory_bank is None:
-            raise RuntimeError("fit() or PatchCore.load() first: the model has no memory bank")
+    def _fitted_bank(self) -> MemoryBank:
+        if self.bank is None:
+            raise UserError("fit() or PatchCore.load() first: the model has no memory bank")
+        return self.bank
 
-    def _reweight(self, worst_features: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    def _reweight(self, bank: MemoryBank, worst_features: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """Eq. 7: 1 - softmax over the L2 distances from the worst patch to the b bank neighbours of its
         nearest bank entry (that entry first)."""
-        b = min(self.settings["reweight_neighbors"], len(self.memory_bank))
-        _, support = knn(self.memory_bank[nearest], self.memory_bank, b)
-        distances = (worst_features[:, None, :] - self.memory_bank[support]).norm(dim=-1)
+        b = min(self.config.reweight_neighbors, len(bank))
+        _, support = bank.search(bank.features[nearest], b)
+        distances = (worst_features[:, None, :] - bank.features[support]).norm(dim=-1)
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """Memory bank (safetensors) and settings with backbone identity (JSON metadata) in one
-        file, written atomically."""
-        from safetensors.torch import save_file
-
-        if self.memory_bank is None:
-            raise RuntimeError("nothing to save: fit() first")
-        path = Path(path)
-        meta = {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "settings": self.settings,
-                "backbone": self.extractor.spec.to_dict(), "grid": list(self.grid)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-        os.close(fd)
-        try:
-            save_file({"memory_bank": self.memory_bank.float().cpu().contiguous()}, tmp,
-                      metadata={"patchcore_fast": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """The memory bank, its grid and the config (backbone identity included) in one file,
+        written atomically (see MemoryBank.save)."""
+        if self.bank is None:
+            raise UserError("nothing to save: fit() first")
+        self.bank.save(path)
 
     @classmethod
-    def load(cls, path, device=None, progress: bool = True) -> "PatchCore":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no model file {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["patchcore_fast"])
-                bank = f.get_tensor("memory_bank")
-        except Exception as error:
-            raise ValueError(f"{path} is not a readable patchcore_fast model ({type(error).__name__}: {error})") from error
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has model format version {meta.get('format_version')}; this patchcore_fast "
-                             f"({__version__}) reads version {FORMAT_VERSION}")
-        spec = BackboneSpec.from_dict(meta["backbone"])
-        s = meta["settings"]
-        extractor = load_backbone(spec.name, spec.layers, spec.weights, s["image_size"], spec.seed)
+    def load(cls, path, device=None, progress: bool = True, batch_size: int = 16,
+             skip_bad_images: bool = False) -> "PatchCore":
+        """A fitted model from `save`'s file; refuses changed backbone weights and unknown format versions."""
+        bank = MemoryBank.load(path)
+        spec = bank.config.backbone
+        extractor = load_backbone(spec.name, spec.layers, spec.weights, bank.config.image_size, spec.seed)
         if spec.weights_sha256 and extractor.spec.weights_sha256 != spec.weights_sha256:
             raise ValueError(f"the backbone weights {spec.weights} differ from those the model in {path} was fitted with")
-        model = cls(backbone=spec.name, layers=spec.layers, device=device, progress=progress, _extractor=extractor, **s)
-        model.memory_bank = bank.to(model.device)
-        model.grid = tuple(meta["grid"])
+        model = cls.from_config(bank.config, extractor, device, batch_size, progress, skip_bad_images)
+        model.bank = bank.to(model.device)
+        model._grid = bank.grid
         return model
+
+
+def _prepared(extractor: FeatureExtractor, device: torch.device, half_precision: bool) -> FeatureExtractor:
+    """The extractor on `device` (bfloat16 and channels_last on CUDA when asked), converting a copy
+    so that a caller's extractor, perhaps shared with other models, is never changed."""
+    dtype = torch.bfloat16 if half_precision else torch.float32
+    parameter = next(extractor.parameters(), None)
+    if parameter is not None and parameter.device == device and parameter.dtype == dtype:
+        return extractor
+    prepared = copy.deepcopy(extractor).to(device=device, dtype=dtype)
+    if half_precision and device.type == "cuda":
+        prepared = prepared.to(memory_format=torch.channels_last)
+    return prepared

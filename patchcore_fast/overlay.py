@@ -36,3 +36,16 @@ def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low
         out[contour(mask.cpu().numpy().astype(bool))] = (0.0, 1.0, 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((out * 255).round().astype(np.uint8)).save(path)
+
+
+def save_overlays(folder: Path, paths, names, maps: torch.Tensor, masks, transform, batch_size: int,
+                  low: float, high: float) -> None:
+    """One overlay per image file: `paths[i]` transformed as the model saw it, `maps[i]` on the
+    colour scale [low, high], `masks[i]` (or None) as a contour, saved as folder / names[i]."""
+    from .data import iter_batches
+
+    index = 0
+    for batch in iter_batches(list(paths), transform, batch_size):
+        for image in batch:
+            save_overlay(Path(folder) / names[index], image, maps[index], low, high, masks[index])
+            index += 1

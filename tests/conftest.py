@@ -14,14 +14,13 @@ def kernel_params():
     return [f"cpu:{path}" for path in CPU_PATHS]
 
 
-def use_kernel(param, monkeypatch, module):
-    """Forces the CPU path, or selects the module's CUDA kernel, that `param` names; returns the device."""
+def use_kernel(param, monkeypatch):
+    """(device, keyword arguments of the kernel call) for the CPU path or CUDA kernel `param` names."""
     name, _, variant = param.partition(":")
     if name == "cpu":
         monkeypatch.setenv("PATCHCORE_CPU_ISA", variant)
-    else:
-        monkeypatch.setattr(module, "CUDA_KERNEL", variant)
-    return torch.device(name)
+        return torch.device("cpu"), {}
+    return torch.device(name), {"cuda_kernel": variant}
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,10 +1,12 @@
 """greedy_coreset against the authors' loop (patchcore_fast.reference), on CPU and CUDA."""
 
+import functools
+
 import pytest
 import torch
 
 import patchcore_fast
-from patchcore_fast.coreset import mean_start_distances, random_projection
+from patchcore_fast.coreset import mean_start_distances, seeded_start
 from patchcore_fast.reference import greedy_coreset_reference, pairwise_l2
 
 from conftest import DEVICES, clustered_rows, integer_rows, kernel_params, use_kernel
@@ -13,9 +15,20 @@ CORESET_KERNELS = kernel_params() + [f"cuda:{k}" for k in patchcore_fast.coreset
 
 
 @pytest.fixture(params=CORESET_KERNELS)
-def device(request, monkeypatch):
+def kernel(request, monkeypatch):
     """Each CPU instruction-set path this CPU runs, and each CUDA kernel when a GPU is present."""
-    return use_kernel(request.param, monkeypatch, patchcore_fast.coreset)
+    return use_kernel(request.param, monkeypatch)
+
+
+@pytest.fixture
+def device(kernel):
+    return kernel[0]
+
+
+@pytest.fixture
+def coreset(kernel):
+    """greedy_coreset with the CUDA kernel the parameter names (explicitly, not a module switch)."""
+    return functools.partial(patchcore_fast.greedy_coreset, **kernel[1])
 
 
 def start(space, seed=0):
@@ -37,23 +50,23 @@ def assert_greedy(features, picks, initial):
 
 @pytest.mark.parametrize("dim", [3, 127, 128, 1024, 1536])
 @pytest.mark.parametrize("rows", [1001, 2717])
-def test_exact_equals_reference_on_integer_data(device, rows, dim):
+def test_exact_equals_reference_on_integer_data(device, coreset, rows, dim):
     g = torch.Generator().manual_seed(rows + dim)
     x = integer_rows(rows, dim, g)
     initial = start(x)
     n = max(1, rows // 10)
-    ours = patchcore_fast.greedy_coreset(x.to(device), n=n, projection_dim=None, initial_distances=initial.to(device))
+    ours = coreset(x.to(device), n=n, projection_dim=None, initial_distances=initial.to(device))
     ref = greedy_coreset_reference(x, initial, n)
     assert ours.dtype == torch.int64 and ours.device.type == device.type
     assert torch.equal(ours.cpu(), ref)
 
 
-def test_clustered_data_and_duplicate_rows_tie_to_lowest_index(device):
+def test_clustered_data_and_duplicate_rows_tie_to_lowest_index(device, coreset):
     g = torch.Generator().manual_seed(3)
     base = clustered_rows(600, 64, g)
     x = torch.cat([base, base[:200], base[100:150]])  # duplicates at higher indices
     initial = torch.zeros(len(x))  # every first pick is a tie
-    ours = patchcore_fast.greedy_coreset(x.to(device), n=len(x), projection_dim=None, initial_distances=initial.to(device))
+    ours = coreset(x.to(device), n=len(x), projection_dim=None, initial_distances=initial.to(device))
     ref = greedy_coreset_reference(x, initial, len(x))
     assert torch.equal(ours.cpu(), ref)
     assert ours[0].item() == 0
@@ -61,79 +74,76 @@ def test_clustered_data_and_duplicate_rows_tie_to_lowest_index(device):
 
 
 @pytest.mark.parametrize("dim", [127, 1024])
-def test_float_data_is_greedy_and_follows_reference(device, dim):
+def test_float_data_is_greedy_and_follows_reference(device, coreset, dim):
     g = torch.Generator().manual_seed(dim)
     x = torch.randn(3001, dim, generator=g) * 3 + 1
     initial = start(x)
-    ours = patchcore_fast.greedy_coreset(x.to(device), n=150, projection_dim=None, initial_distances=initial.to(device))
+    ours = coreset(x.to(device), n=150, projection_dim=None, initial_distances=initial.to(device))
     assert_greedy(x, ours, initial)
     ref = greedy_coreset_reference(x, initial, 150)
     assert torch.equal(ours[:30].cpu(), ref[:30])
 
 
-def test_projected_mode_matches_reference_pipeline(device):
+def test_projected_mode_matches_reference_pipeline(device, coreset):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(4099, 256, generator=g).abs()  # ReLU-like features
-    ours = patchcore_fast.greedy_coreset(x.to(device), 0.05, seed=5)
-    gen = torch.Generator().manual_seed(5)
-    space = x @ random_projection(256, 128, gen).T
-    initial = mean_start_distances(space, 10, gen)
+    ours = coreset(x.to(device), 0.05, seed=5)
+    space, initial = seeded_start(x, 128, 10, seed=5)
     assert len(ours) == int(4099 * 0.05)
     assert_greedy(space, ours, initial)
     assert torch.equal(ours[:40].cpu(), greedy_coreset_reference(space, initial, 40))
 
 
 @pytest.mark.parametrize("rows, n", [(3, 3), (5, 2), (64, 64), (700, 1), (700, 31), (700, 33), (1300, 65), (1300, 200)])
-def test_batch_and_tile_edges(device, rows, n):
+def test_batch_and_tile_edges(device, coreset, rows, n):
     """Fewer rows than the candidate list, batches that end mid-panel, one pick, n = N."""
     g = torch.Generator().manual_seed(rows + n)
     x = integer_rows(rows, 21, g)
     initial = start(x)
-    ours = patchcore_fast.greedy_coreset(x.to(device), n=n, projection_dim=None, initial_distances=initial.to(device))
+    ours = coreset(x.to(device), n=n, projection_dim=None, initial_distances=initial.to(device))
     assert torch.equal(ours.cpu(), greedy_coreset_reference(x, initial, n))
 
 
-def test_seed_repeats_and_varies(device):
+def test_seed_repeats_and_varies(device, coreset):
     x = torch.randn(2000, 64, generator=torch.Generator().manual_seed(0)).to(device)
-    a = patchcore_fast.greedy_coreset(x, 0.1, seed=1)
-    assert torch.equal(a, patchcore_fast.greedy_coreset(x, 0.1, seed=1))
-    assert not torch.equal(a, patchcore_fast.greedy_coreset(x, 0.1, seed=2))
+    a = coreset(x, 0.1, seed=1)
+    assert torch.equal(a, coreset(x, 0.1, seed=1))
+    assert not torch.equal(a, coreset(x, 0.1, seed=2))
 
 
-def test_initial_distances_continue_an_existing_bank(device):
+def test_initial_distances_continue_an_existing_bank(device, coreset):
     g = torch.Generator().manual_seed(9)
     x = torch.randn(1500, 32, generator=g)
     bank = torch.randn(40, 32, generator=g)
     initial = pairwise_l2(x, bank).min(dim=1).values
-    ours = patchcore_fast.greedy_coreset(x.to(device), n=60, projection_dim=None, initial_distances=initial.to(device))
+    ours = coreset(x.to(device), n=60, projection_dim=None, initial_distances=initial.to(device))
     assert ours[0].item() == int(torch.argmax(initial))
     assert_greedy(x, ours, initial)
 
 
-def test_half_precision_input_is_upcast(device):
+def test_half_precision_input_is_upcast(device, coreset):
     x = integer_rows(700, 48, torch.Generator().manual_seed(2))
     initial = start(x)
     for dtype in (torch.float16, torch.bfloat16):
-        ours = patchcore_fast.greedy_coreset(x.to(device, dtype), n=70, projection_dim=None, initial_distances=initial.to(device))
+        ours = coreset(x.to(device, dtype), n=70, projection_dim=None, initial_distances=initial.to(device))
         assert torch.equal(ours.cpu(), greedy_coreset_reference(x, initial, 70))
 
 
-def test_any_strides(device):
+def test_any_strides(device, coreset):
     x = integer_rows(900, 80, torch.Generator().manual_seed(4))
     initial = start(x[:, ::2])
     strided = x.to(device)[:, ::2]
     assert not strided.is_contiguous()
-    ours = patchcore_fast.greedy_coreset(strided, n=90, projection_dim=None, initial_distances=initial.to(device))
+    ours = coreset(strided, n=90, projection_dim=None, initial_distances=initial.to(device))
     assert torch.equal(ours.cpu(), greedy_coreset_reference(x[:, ::2].contiguous(), initial, 90))
 
 
 @pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")
 @pytest.mark.parametrize("kernel", patchcore_fast.coreset.CUDA_KERNELS)
-def test_cpu_and_cuda_agree(kernel, monkeypatch):
-    monkeypatch.setattr(patchcore_fast.coreset, "CUDA_KERNEL", kernel)
+def test_cpu_and_cuda_agree(kernel):
     x = torch.randn(20000, 1024, generator=torch.Generator().manual_seed(8))
     cpu = patchcore_fast.greedy_coreset(x, 0.1)
-    gpu = patchcore_fast.greedy_coreset(x.cuda(), 0.1)
+    gpu = patchcore_fast.greedy_coreset(x.cuda(), 0.1, cuda_kernel=kernel)
     # The projections come from different BLAS libraries, so a near-tie late in the run may
     # break differently; the start of the selection must coincide.
     assert torch.equal(cpu[:100], gpu[:100].cpu())
@@ -142,16 +152,15 @@ def test_cpu_and_cuda_agree(kernel, monkeypatch):
 @pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")
 @pytest.mark.parametrize("kernel", patchcore_fast.coreset.CUDA_KERNELS)
 @pytest.mark.parametrize("dim", [64, 128, 1024])
-def test_cuda_large_inputs_use_every_row_store(kernel, dim, monkeypatch):
+def test_cuda_large_inputs_use_every_row_store(kernel, dim):
     """More rows per block than registers and shared memory hold, so rows come from
     registers, shared memory and device memory in one selection."""
-    monkeypatch.setattr(patchcore_fast.coreset, "CUDA_KERNEL", kernel)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 1500 * sms + 7
     g = torch.Generator(device="cuda").manual_seed(dim)
     x = torch.randint(-4, 5, (rows, dim), generator=g, device="cuda").float()
     initial = start(x)
-    ours = patchcore_fast.greedy_coreset(x, n=200, projection_dim=None, initial_distances=initial)
+    ours = patchcore_fast.greedy_coreset(x, n=200, projection_dim=None, initial_distances=initial, cuda_kernel=kernel)
     assert torch.equal(ours, greedy_coreset_reference(x, initial, 200))
 
 

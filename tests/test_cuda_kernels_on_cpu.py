@@ -90,3 +90,14 @@ def test_emulated_knn_equals_reference(harness, warp_rows, k, splits):
     ref_distances, ref_indices = knn_reference(queries, bank, k)
     assert torch.equal(indices, ref_indices)
     assert torch.equal(distances, ref_distances)
+
+
+@pytest.mark.parametrize("kernel", ["cached", "resident"])
+def test_emulated_negative_zero_start_ranks_as_zero(harness, kernel):
+    """Bug 1 of the model-state review: a -0.0 start distance (a row already in the bank) packed
+    with its sign bit outranked every real distance, so the CUDA picks left the reference's."""
+    x = integer_rows(2500, 3, torch.Generator().manual_seed(2500 + 3))
+    initial = start(x)
+    initial[::5] = -0.0
+    picks, _ = emulator.run(harness, kernel, x, initial, 40, 2, 227 * KIB)
+    assert torch.equal(picks, greedy_coreset_reference(x, initial.abs(), 40))

@@ -26,8 +26,7 @@ def lite0():
 
 
 def small_model(lite0, **kw):
-    return PatchCore(backbone="efficientnet_lite0", device="cpu", image_size=64, resize=64, progress=False,
-                     _extractor=lite0, **kw)
+    return PatchCore(backbone=lite0, device="cpu", image_size=64, resize=64, progress=False, **kw)
 
 
 def test_scores_equal_the_reference_pipeline(lite0):

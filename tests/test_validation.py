@@ -49,8 +49,12 @@ def test_bad_input(call, error, match):
 
 def test_large_finite_values_are_not_mistaken_for_inf():
     x = torch.full((10, 4), 3e38)
-    d, i = patchcore_fast.knn(x[:2], x, 1)  # the validation sum overflows; the values are finite
-    assert i.shape == (2, 1)
+    # the validation sum overflows but the values are finite: the error is about the distances
+    with pytest.raises(ValueError, match="overflow float32"):
+        patchcore_fast.knn(x[:2], x, 1)
+    x = torch.full((10, 4), 1e19)  # squared norms overflow; the values and their sum do not
+    with pytest.raises(ValueError, match="overflow float32"):
+        patchcore_fast.greedy_coreset(x, n=2, projection_dim=None)
 
 
 @pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")

@@ -98,10 +98,11 @@ __device__ __forceinline__ float exact_part(const SelectionParams& p, const floa
 }
 
 // Key ordering = greedy ordering: larger distance first, then lower index.
-// Distances are >= 0 here, so their float bits order like unsigned integers.
+// Distances are >= 0 here, so their float bits order like unsigned integers; -0.0 is first
+// made +0.0 (its sign bit would rank it above every distance).
 __device__ __forceinline__ unsigned long long pack(float value, int64_t index) {
   if (value < 0.f) return 0ull;
-  return (static_cast<unsigned long long>(__float_as_uint(value)) << 32) |
+  return (static_cast<unsigned long long>(__float_as_uint(value + 0.f)) << 32) |
          static_cast<unsigned long long>(0xFFFFFFFFu - static_cast<uint32_t>(index));
 }
 __device__ __forceinline__ int64_t unpack_index(unsigned long long key) {

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..coreset import mean_start_distances, random_projection
+from ..coreset import seeded_start
 from .coreset import greedy_coreset_reference
 from .embedding import reference_patch_embedding
 from .knn import knn_reference
@@ -19,9 +19,7 @@ def reference_predict(extractor, train_images: torch.Tensor, test_images: torch.
                       projection_dim: int = 128, seed: int = 0, embed_dim: int = 1024, sigma: float = 4.0):
     """(image scores [M], maps [M, S, S], coreset picks) for images already transformed to [*, 3, S, S]."""
     bank_features, _ = reference_patch_embedding(extractor(train_images), embed_dim)
-    generator = torch.Generator().manual_seed(seed)
-    space = bank_features @ random_projection(embed_dim, projection_dim, generator).T
-    initial = mean_start_distances(space, 10, generator)
+    space, initial = seeded_start(bank_features, projection_dim, 10, seed)
     picks = greedy_coreset_reference(space, initial, int(len(bank_features) * ratio))
     bank = bank_features[picks]
 

@@ -1,0 +1,71 @@
+"""PatchCoreConfig: everything that changes a model's features or scores, in one immutable value.
+
+A fitted model's config is saved with its memory bank and rebuilt from the file, so a model
+scores after loading exactly as it did when fitted. Run-time choices that do not change a
+result (device, batch size, progress bars) are not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+
+from .backbones import BackboneSpec
+from .coreset import CUDA_KERNELS as CORESET_CUDA_KERNELS
+from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
+from .data import Transform
+from .knn import CUDA_KERNELS as KNN_CUDA_KERNELS
+from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    backbone: BackboneSpec        # name, layers, weights source and SHA-256, init seed
+    image_size: int = 224         # centre crop (the grid the maps are drawn on)
+    resize: int = 256             # short side before the crop
+    embed_dim: int = 1024         # patch feature size after pooling
+    half_precision: bool = False  # backbone in bfloat16
+    coreset_ratio: float = 0.1
+    projection_dim: int | None = 128  # None: the exact coreset on the features themselves
+    num_neighbors: int = 1        # bank neighbours averaged into a patch score (the authors' k)
+    reweight: bool = False        # the paper's Eq. 7
+    reweight_neighbors: int = 9
+    seed: int = 0                 # coreset projection and start
+    coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL
+    knn_cuda_kernel: str = DEFAULT_KNN_KERNEL
+
+    def __post_init__(self):
+        ratio = self.coreset_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio!r}")
+        for name in ("image_size", "resize", "embed_dim", "num_neighbors", "reweight_neighbors"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 1):
+            raise ValueError(f"projection_dim must be a positive integer or None, got {self.projection_dim!r}")
+        if self.resize < self.image_size:
+            raise ValueError(f"need image_size <= resize, got image_size={self.image_size}, resize={self.resize}")
+        if self.coreset_cuda_kernel not in CORESET_CUDA_KERNELS:
+            raise ValueError(f"coreset_cuda_kernel must be one of {CORESET_CUDA_KERNELS}, got {self.coreset_cuda_kernel!r}")
+        if self.knn_cuda_kernel not in KNN_CUDA_KERNELS:
+            raise ValueError(f"knn_cuda_kernel must be one of {KNN_CUDA_KERNELS}, got {self.knn_cuda_kernel!r}")
+
+    @property
+    def transform(self) -> Transform:
+        return Transform(resize=self.resize, crop=self.image_size)
+
+    def replace(self, **changes) -> "PatchCoreConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "backbone": self.backbone.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PatchCoreConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model settings {unknown}: written by a newer patchcore_fast?")
+        return cls(**{**d, "backbone": BackboneSpec.from_dict(d["backbone"])})

@@ -1,0 +1,94 @@
+"""MemoryBank: what fitting produces, and what a model file holds.
+
+The coreset's patch features, the patch grid they were computed on, and the config that
+produced them (which also decides how they are searched). Written and read whole, in one
+safetensors file: the bank as a tensor, the rest as JSON metadata with a format version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .backbones import BackboneSpec
+from .config import PatchCoreConfig
+from .knn import knn
+
+#: Version 2: one "config" object (PatchCoreConfig). Version 1 ("settings" + "backbone", no
+#: half_precision) is still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class MemoryBank:
+    features: torch.Tensor        # [M, embed_dim] float32
+    grid: tuple[int, int]         # patch grid of one image
+    config: PatchCoreConfig
+
+    def __post_init__(self):
+        if self.features.dim() != 2 or self.features.shape[1] != self.config.embed_dim:
+            raise ValueError(f"memory bank must be [M, {self.config.embed_dim}], got {tuple(self.features.shape)}")
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise ValueError(f"grid must be (rows, cols), got {self.grid!r}")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def to(self, device) -> "MemoryBank":
+        return MemoryBank(self.features.to(device), self.grid, self.config)
+
+    def search(self, queries: torch.Tensor, k: int):
+        """(squared distances [Q, k], indices [Q, k]) of each query's k nearest bank entries."""
+        return knn(queries, self.features, k, cuda_kernel=self.config.knn_cuda_kernel)
+
+    def save(self, path) -> None:
+        """Writes the bank, grid and config to `path` atomically (a temporary file replaces it when complete)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "config": self.config.to_dict(),
+                "grid": list(self.grid)}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+        os.close(fd)
+        try:
+            save_file({"memory_bank": self.features.float().cpu().contiguous()}, tmp,
+                      metadata={"patchcore_fast": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "MemoryBank":
+        """Reads a bank written by `save` (format versions 1 and 2), on the CPU."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["patchcore_fast"])
+                features = f.get_tensor("memory_bank")
+        except Exception as error:
+            raise ValueError(f"{path} is not a readable patchcore_fast model ({type(error).__name__}: {error})") from error
+        version = meta.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{path} has model format version {version}; this patchcore_fast ({__version__}) reads "
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}: use the patchcore_fast that wrote it, "
+                             "or fit the model again")
+        try:
+            if version == 1:  # settings and backbone apart; half precision was not recorded (models were float32-read)
+                config = PatchCoreConfig(backbone=BackboneSpec.from_dict(meta["backbone"]), **meta["settings"])
+            else:
+                config = PatchCoreConfig.from_dict(meta["config"])
+            return cls(features, tuple(meta["grid"]), config)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} has inconsistent model metadata: {error}") from error
