@@ -1,7 +1,7 @@
 """One explicit model state: PatchCoreConfig + MemoryBank, saved and read whole.
 
 Each of the five silent-state bugs found in review has a test here that failed on the code
-before the fix (commit 5d0ad43 and earlier) and passes now; bug 1 (CUDA-only) is also checked
+before the fix (checked against d80618f, the commit before it) and passes now; bug 1 (CUDA-only) is also checked
 on the CUDA kernels' own source in tests/test_cuda_kernels_on_cpu.py.
 """
 
