@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .backbones import BackboneSpec
 from .coreset import CUDA_KERNELS as CORESET_CUDA_KERNELS
 from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
-from .data import Transform
+from .data import FRAMINGS, Transform
 from .knn import CUDA_KERNELS as KNN_CUDA_KERNELS
 from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
 
@@ -22,8 +22,9 @@ from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
 @dataclass(frozen=True)
 class PatchCoreConfig:
     backbone: BackboneSpec        # name, layers, weights source and SHA-256, init seed
-    image_size: int = 224         # centre crop (the grid the maps are drawn on)
-    resize: int = 256             # short side before the crop
+    framing: str = "whole"        # "whole": the whole image; "center_crop": the MVTec AD protocol
+    image_size: int = 224         # side of the square the model sees (and the maps are drawn on)
+    resize: int = 256             # short side before the centre crop ("center_crop" only)
     embed_dim: int = 1024         # patch feature size after pooling
     half_precision: bool = False  # backbone in bfloat16
     coreset_ratio: float = 0.1
@@ -45,7 +46,9 @@ class PatchCoreConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 1):
             raise ValueError(f"projection_dim must be a positive integer or None, got {self.projection_dim!r}")
-        if self.resize < self.image_size:
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {self.framing!r}")
+        if self.framing == "center_crop" and self.resize < self.image_size:
             raise ValueError(f"need image_size <= resize, got image_size={self.image_size}, resize={self.resize}")
         if self.coreset_cuda_kernel not in CORESET_CUDA_KERNELS:
             raise ValueError(f"coreset_cuda_kernel must be one of {CORESET_CUDA_KERNELS}, got {self.coreset_cuda_kernel!r}")
@@ -54,7 +57,7 @@ class PatchCoreConfig:
 
     @property
     def transform(self) -> Transform:
-        return Transform(resize=self.resize, crop=self.image_size)
+        return Transform(resize=self.resize, crop=self.image_size, framing=self.framing)
 
     def replace(self, **changes) -> "PatchCoreConfig":
         return dataclasses.replace(self, **changes)

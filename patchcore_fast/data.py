@@ -1,6 +1,11 @@
 """Images in: files, folders, PIL images, tensors or DataLoaders, turned into batches of
-[B, 3, S, S] float tensors in [0, 1] with the authors' transform (resize the short side, centre
-crop); and the MVTec AD folder layout with its ground-truth masks."""
+[B, 3, S, S] float tensors in [0, 1]; and the MVTec AD folder layout with its ground-truth masks.
+
+Two framings: "center_crop" is the authors' transform (resize the short side, centre crop: the
+MVTec AD protocol, which drops the border of every image), "whole" resizes the whole image to
+S x S, as anomalib does by default, so a defect anywhere in a user's picture is seen. Either way
+an image is resampled straight to what the model sees, so a long strip never becomes a huge
+intermediate."""
 
 from __future__ import annotations
 
@@ -12,7 +17,12 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Files chosen as images in a folder (case-insensitive); other files are left alone and counted.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
+                            ".pbm", ".pnm"})
+FRAMINGS = ("whole", "center_crop")
 
 
 class ImageReadError(ValueError):
@@ -23,21 +33,42 @@ class ImageReadError(ValueError):
 class Transform:
     resize: int = 256
     crop: int = 224
+    framing: str = "center_crop"
 
     def __post_init__(self):
-        if self.crop < 1 or self.resize < self.crop:
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {self.framing!r}")
+        if self.crop < 1 or (self.framing == "center_crop" and self.resize < self.crop):
             raise ValueError(f"need 1 <= image_size <= resize, got image_size={self.crop}, resize={self.resize}")
 
+    def describe(self) -> str:
+        if self.framing == "whole":
+            return f"whole image resized to {self.crop} x {self.crop}"
+        return f"short side resized to {self.resize}, centre {self.crop} x {self.crop} kept (MVTec AD protocol)"
+
     def image(self, img: Image.Image) -> torch.Tensor:
-        img = _to_rgb(img).resize(self._size(img.size), Image.BILINEAR)
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return self._crop(arr.float() / 255.0)
+        arr = np.asarray(self._resample(_to_rgb(img)), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
     def mask(self, mask: Image.Image) -> torch.Tensor:
-        """Binary [S, S] bool mask, transformed like its image (bilinear resize, crop, > 0.5)."""
-        m = mask.convert("L").resize(self._size(mask.size), Image.BILINEAR)
-        arr = torch.from_numpy(np.asarray(m, dtype=np.uint8).copy()).float() / 255.0
-        return self._crop(arr[None])[0] > 0.5
+        """Binary [S, S] bool mask, transformed like its image (bilinear resampling, > 0.5)."""
+        arr = torch.from_numpy(np.asarray(self._resample(mask.convert("L")), dtype=np.uint8).copy()).float() / 255.0
+        return arr > 0.5
+
+    def _resample(self, img: Image.Image) -> Image.Image:
+        """The S x S view of `img`. A centre crop of a large resize (more than 4 crops' worth of pixels,
+        e.g. a long strip) is resampled from its box of the original instead, so memory stays a
+        few times the output."""
+        if self.framing == "whole":
+            return img.resize((self.crop, self.crop), Image.BILINEAR)
+        w, h = img.size
+        nw, nh = self._size((w, h))
+        top, left = int(round((nh - self.crop) / 2.0)), int(round((nw - self.crop) / 2.0))
+        if nw * nh <= 4 * self.crop * self.crop:
+            return img.resize((nw, nh), Image.BILINEAR).crop((left, top, left + self.crop, top + self.crop))
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return img.resize((self.crop, self.crop), Image.BILINEAR, box=box, reducing_gap=None)
 
     def tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] floats in [0, 1] (or [B, 1, H, W] grey) -> [B, 3, S, S]."""
@@ -48,9 +79,14 @@ class Transform:
         if not batch.is_floating_point():
             raise TypeError(f"image tensors must be floats in [0, 1], got {batch.dtype}")
         batch = batch[:, :3] if batch.shape[1] == 4 else batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+        h, w = batch.shape[-2:]
+        if self.framing == "whole":
+            if (h, w) != (self.crop, self.crop):
+                batch = F.interpolate(batch.float(), size=(self.crop, self.crop), mode="bilinear",
+                                      align_corners=False, antialias=True)
+            return batch.float()
         # Always resize and crop, as for PIL images, even when the tensor already has the crop's size:
         # an image must give the same input whatever form it arrives in.
-        h, w = batch.shape[-2:]
         nw, nh = self._size((w, h))
         if (nh, nw) != (h, w):
             batch = F.interpolate(batch.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
@@ -70,6 +106,16 @@ class Transform:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB with the pixels the file means: camera orientation (EXIF) applied, 16-bit grey
+    scaled (not clipped) to 8 bits, transparency over black, palette and CMYK converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples (Pillow opens 16-bit PNGs as I;16 or I): 65535 is white.
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":  # floating-point grey: taken as [0, 1]
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
         background = Image.new("RGB", img.size, (0, 0, 0))
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
@@ -87,7 +133,17 @@ def open_image(path: Path) -> Image.Image:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every visible file in `folder` (sorted); unreadable ones are reported when read."""
+    """The image files of `folder` by extension (IMAGE_SUFFIXES), sorted; whether their content is an
+    image is found when they are read (an error naming the file, or a warning with skip_bad_images)."""
+    return [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def other_files(folder: Path) -> list[Path]:
+    """Visible files of `folder` that image_files leaves out (Thumbs.db, notes, ...)."""
+    return [p for p in _visible_files(folder) if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
+def _visible_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
@@ -100,7 +156,7 @@ def _expand(data) -> list:
         if path.is_dir():
             files = image_files(path)
             if not files:
-                raise ValueError(f"folder {path} holds no images")
+                raise ValueError(f"folder {path} holds no images (files ending in {', '.join(sorted(IMAGE_SUFFIXES))})")
             return files
         if not path.exists():
             raise FileNotFoundError(f"no such file or folder: {path}")

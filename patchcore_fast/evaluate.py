@@ -28,6 +28,8 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
     """Fit each coreset ratio on train/good and score test/*. Features are extracted once and shared
     by the ratios. Returns result rows (metrics in percent) and timing rows (seconds per stage)."""
     data = MVTecCategory.open(root, category)
+    # The paper's protocol (resize + centre crop) unless asked otherwise, so tables stay comparable.
+    model_args.setdefault("framing", "center_crop")
     base = PatchCore(coreset_ratio=ratios[0], progress=progress, **model_args)
     train = base.extract(data.train, desc=f"{category} train features")
     test = base.extract([item.path for item in data.test], desc=f"{category} test features")

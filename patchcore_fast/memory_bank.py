@@ -85,8 +85,9 @@ class MemoryBank:
                              f"versions {', '.join(map(str, READABLE_VERSIONS))}: use the patchcore_fast that wrote it, "
                              "or fit the model again")
         try:
-            if version == 1:  # settings and backbone apart; half precision was not recorded (models were float32-read)
-                config = PatchCoreConfig(backbone=BackboneSpec.from_dict(meta["backbone"]), **meta["settings"])
+            if version == 1:  # settings and backbone apart; always centre-cropped; half precision not recorded
+                config = PatchCoreConfig(backbone=BackboneSpec.from_dict(meta["backbone"]), framing="center_crop",
+                                         **meta["settings"])
             else:
                 config = PatchCoreConfig.from_dict(meta["config"])
             return cls(features, tuple(meta["grid"]), config)

@@ -59,6 +59,7 @@ class PatchCore:
     """
 
     def __init__(self, backbone: str | FeatureExtractor = "wide_resnet50_2", layers=None, coreset_ratio: float = 0.1,
+                 framing: str = "whole",
                  projection_dim: int | None = 128, num_neighbors: int = 1, reweight: bool = False,
                  image_size: int = 224, resize: int = 256, device=None, weights: str | None = None,
                  embed_dim: int = 1024, batch_size: int = 16, seed: int = 0, reweight_neighbors: int = 9,
@@ -70,7 +71,8 @@ class PatchCore:
             extractor = backbone
         else:
             extractor = load_backbone(backbone, layers, weights, image_size, seed)
-        config = PatchCoreConfig(backbone=extractor.spec, image_size=image_size, resize=resize, embed_dim=embed_dim,
+        config = PatchCoreConfig(backbone=extractor.spec, framing=framing, image_size=image_size, resize=resize,
+                                 embed_dim=embed_dim,
                                  half_precision=bool(half_precision), coreset_ratio=coreset_ratio,
                                  projection_dim=projection_dim, num_neighbors=num_neighbors, reweight=reweight,
                                  reweight_neighbors=reweight_neighbors, seed=seed,
@@ -111,7 +113,7 @@ class PatchCore:
         """An unfitted model with some scoring settings changed (coreset_ratio, projection_dim,
         num_neighbors, reweight, reweight_neighbors, seed, the CUDA kernels), sharing this one's
         backbone. Settings that change the features need a new model."""
-        feature_fields = {"backbone", "image_size", "resize", "embed_dim", "half_precision"}
+        feature_fields = {"backbone", "framing", "image_size", "resize", "embed_dim", "half_precision"}
         if feature_fields & set(changes):
             raise ValueError(f"{sorted(feature_fields & set(changes))} change the features: build a new PatchCore")
         model = PatchCore.from_config(self.config.replace(**changes), self.extractor, self.device, self.batch_size,

@@ -142,14 +142,17 @@ def test_bad_files_are_named_or_skipped(lite0, tmp_path):
     folder.mkdir()
     for s in range(3):
         texture(s, (64, 64)).save(folder / f"{s}.png")
-    (folder / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match="notes.txt"):
+    (folder / "notes.txt").write_text("not an image")  # not an image file: left alone
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / "broken.png").write_bytes(b"not a png")  # an image file that cannot be read
+    with pytest.raises(ValueError, match="broken.png"):
         small_model(lite0).fit(folder)
-    with pytest.warns(RuntimeWarning, match="notes.txt"):
+    with pytest.warns(RuntimeWarning, match="broken.png"):
         model = small_model(lite0, skip_bad_images=True).fit(folder)
     assert len(model.memory_bank) == int(3 * 64 // 8 * 64 // 8 * 0.1)
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     with pytest.raises(ValueError, match="holds no images"):
         small_model(lite0).fit(empty)
     with pytest.raises(FileNotFoundError):
@@ -162,7 +165,9 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="coreset_ratio"):
         PatchCore(backbone="efficientnet_lite0", coreset_ratio=0)
     with pytest.raises(ValueError, match="image_size"):
-        PatchCore(backbone="efficientnet_lite0", image_size=300, resize=256)
+        PatchCore(backbone="efficientnet_lite0", framing="center_crop", image_size=300, resize=256)
+    with pytest.raises(ValueError, match="framing"):
+        PatchCore(backbone="efficientnet_lite0", framing="letterbox")
     with pytest.raises(ValueError, match="unknown backbone"):
         PatchCore(backbone="no_such_net")
     with pytest.raises(ValueError, match="no layer"):
@@ -228,7 +233,7 @@ def test_tire_with_efficientnet_lite0():
     from patchcore_fast.data import MVTecCategory, load_mask
 
     category = MVTecCategory.open(SHARED, "tire")
-    model = PatchCore(backbone="efficientnet_lite0", device="cpu", progress=False).fit(category.train)
+    model = PatchCore(backbone="efficientnet_lite0", framing="center_crop", device="cpu", progress=False).fit(category.train)
     pred = model.predict([item.path for item in category.test])
     image_auroc = roc_auc_score([item.is_anomalous for item in category.test], pred.scores.numpy())
     masks = [load_mask(item, model.transform) for item in category.test]

@@ -98,7 +98,7 @@ def test_fit_features_model_saves_scores_and_round_trips(lite0, tmp_path):
 
 # --- bug 4: one transform for every form of an image --------------------------------------------
 def test_crop_sized_tensor_and_pil_image_get_the_same_input(lite0):
-    model = PatchCore(backbone=lite0, device="cpu", image_size=64, resize=72, progress=False)
+    model = PatchCore(backbone=lite0, device="cpu", framing="center_crop", image_size=64, resize=72, progress=False)
     image = texture(5, (64, 64))
     as_tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     from_pil = model.transform.image(image)
@@ -170,6 +170,11 @@ def test_format_version_1_files_still_load(lite0, tmp_path):
     from safetensors.torch import save_file
 
     model = small_model(lite0).fit(texture_batch(range(4)))
+    pred = model.predict(texture_batch(range(10, 13)))
+    config = model.config.to_dict()
+    assert config["framing"] == "whole"
+    model = PatchCore.from_config(model.config.replace(framing="center_crop"), lite0, device="cpu", progress=False)
+    model = model.fit(texture_batch(range(4)))
     pred = model.predict(texture_batch(range(10, 13)))
     config = model.config.to_dict()
     settings = {k: config[k] for k in ("coreset_ratio", "projection_dim", "num_neighbors", "reweight",
