@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,26 +16,68 @@ import torch
 
 def _model_args(args) -> dict:
     # Layer names go to the backbone as given; backbones.normalise_layers reads plain numbers as layerN.
-    return dict(backbone=args.backbone, layers=tuple(args.layers) if args.layers else None,
-                image_size=args.image_size, resize=args.resize, device=args.device, weights=args.weights)
+    return dict(backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, framing=args.framing,
+                image_size=args.image_size, resize=args.resize, device=args.device, weights=args.weights,
+                skip_bad_images=args.skip_bad_images)
+
+
+def _writable_file(path: Path) -> Path:
+    """Checks, before any work, that `path` can be written as a file: nothing is written on failure."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {path / 'model.pcf'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--out {path}: no folder {parent}")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {path}: cannot write to {parent}")
+    return path
+
+
+def _writable_folder(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a folder")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"--out {path}: cannot write to {existing}")
+    return path
+
+
+def training_images(root: Path, category: str | None) -> tuple[list[Path], int]:
+    """The good images `fit` learns from: ROOT/CATEGORY/train/good (MVTec AD layout) with --category,
+    otherwise ROOT itself, any folder of images. Also how many other files were left alone."""
+    from .data import image_files, other_files
+
+    folder = Path(root) / category / "train" / "good" if category else Path(root)
+    if category and not folder.is_dir():
+        raise FileNotFoundError(f"no folder {folder} (MVTec AD layout: ROOT/CATEGORY/train/good)")
+    images = image_files(folder)
+    if not images:
+        raise ValueError(f"{folder} holds no image files")
+    return images, len(other_files(folder))
 
 
 def cmd_fit(args) -> None:
-    from .data import MVTecCategory
     from .model import PatchCore
 
-    data = MVTecCategory.open(args.root, args.category)
-    model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args)).fit(data.train)
-    model.save(args.out)
-    print(f"saved {args.out}: memory bank {tuple(model.memory_bank.shape)} from {len(data.train)} images")
+    out = _writable_file(Path(args.out))
+    images, ignored = training_images(args.root, args.category)
+    model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args))
+    print(f"fitting {len(images)} images ({model.transform.describe()})"
+          + (f"; {ignored} other file(s) left alone" if ignored else ""))
+    model.fit(images)
+    model.save(out)
+    print(f"saved {out}: memory bank {tuple(model.memory_bank.shape)}, {model.config.backbone.name}, "
+          f"framing {model.config.framing}")
 
 
 def cmd_predict(args) -> None:
-    from .data import TestImage, image_files, load_mask, mvtec_mask_path
+    from .data import ImageReadError, TestImage, image_files, load_mask, mvtec_mask_path, open_image
     from .model import PatchCore
     from .overlay import save_overlays
 
-    model = PatchCore.load(args.model, device=args.device, progress=not args.quiet)
+    out = _writable_folder(Path(args.out))
+    model = PatchCore.load(args.model, device=args.device, progress=not args.quiet,
+                           skip_bad_images=args.skip_bad_images)
     paths = []
     for item in args.images:
         p = Path(item)
@@ -43,10 +87,18 @@ def cmd_predict(args) -> None:
             paths.append(p)
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
+    if args.skip_bad_images:  # find them first, so that scores, overlays and paths stay aligned
+        readable = []
+        for path in paths:
+            try:
+                open_image(path)
+                readable.append(path)
+            except ImageReadError as error:
+                warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=1)
+        paths = readable
     if not paths:
         raise ValueError("no images to score")
     pred = model.predict(paths)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -66,6 +118,7 @@ def cmd_predict(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate
 
+    _writable_folder(Path(args.out))
     _, _, tables = evaluate(args.root, args.out, categories=args.categories, ratios=args.ratios,
                             progress=not args.quiet, **_model_args(args))
     print(tables)
@@ -111,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     after = [_common_options(True)]
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_options(p, ratio=True):
-        p.add_argument("--backbone", default="wide_resnet50_2")
+    def model_options(p, ratio=True, framing="whole"):
+        p.add_argument("--backbone", default="efficientnet_lite0",
+                       help="efficientnet_lite0 (offline default) or a torchvision model, e.g. wide_resnet50_2 (the paper's)")
+        p.add_argument("--framing", choices=("whole", "center_crop"), default=framing,
+                       help=f"whole image, or the MVTec AD resize + centre crop (default: {framing})")
+        p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
         p.add_argument("--layers", nargs="+", help="layer names or numbers (default: layer2 layer3)")
         if ratio:
             p.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
@@ -120,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resize", type=int, default=256)
         p.add_argument("--weights", default=None, help="backbone weights file (default: ImageNet)")
 
-    p = sub.add_parser("fit", parents=after, help="fit on ROOT/CATEGORY/train/good and save the model")
-    p.add_argument("root")
-    p.add_argument("--category", required=True)
+    p = sub.add_parser("fit", parents=after, help="fit on a folder of good images (or ROOT/CATEGORY/train/good) and save")
+    p.add_argument("root", help="a folder of good images, or an MVTec AD root with --category")
+    p.add_argument("--category", help="MVTec AD layout: fit on ROOT/CATEGORY/train/good")
     p.add_argument("--out", required=True)
     model_options(p)
     p.set_defaults(run=cmd_fit)
@@ -131,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default="predictions")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=after, help="fit and evaluate MVTec AD-layout categories")
@@ -138,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", nargs="+")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.1])
     p.add_argument("--out", required=True)
-    model_options(p, ratio=False)
+    model_options(p, ratio=False, framing="center_crop")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("demo", parents=after, help="the offline demo: synthetic defects on real textures, EfficientNet-Lite0")

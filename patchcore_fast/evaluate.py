@@ -75,9 +75,16 @@ def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = Tru
     """Evaluate every category (all found under root by default); writes results.csv, tables.md
     and timings.csv to out_dir and returns (results, timings, tables)."""
     root, out_dir = Path(root), Path(out_dir)
-    categories = list(categories or MVTecCategory.categories(root))
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    found = MVTecCategory.categories(root)
+    categories = list(categories or found)
     if not categories:
         raise FileNotFoundError(f"no categories (folders with train/good) under {root}")
+    unknown = [c for c in categories if c not in found]
+    if unknown:  # before anything is written
+        raise FileNotFoundError(f"no categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} under {root} "
+                                f"(found: {', '.join(found) or 'none'})")
     ratios = [float(r) for r in ratios]
     for r in ratios:
         if not 0 < r <= 1:

@@ -45,7 +45,10 @@ def test_fit_then_predict(dataset, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "/no/such/folder", "--out", "x"], "no such folder"),
-    (["fit", "/no/such/folder", "--category", "c", "--out", "m.pcf"], "no category folder"),
+    (["fit", "/no/such/folder", "--category", "c", "--out", "m.pcf"], "no folder /no/such/folder/c/train/good"),
+    (["fit", "/no/such/folder", "--out", "m.pcf"], "no such folder"),
+    (["fit", ".", "--out", "/no/such/dir/m.pcf"], "no folder /no/such/dir"),
+    (["evaluate", ".", "--categories", "nope", "--out", "x"], "no category nope"),
     (["predict", "/no/such/model.pcf", "img.png"], "no model file"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
@@ -69,3 +72,32 @@ def test_generated_dataset_is_deterministic(tmp_path):
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.png"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert {p.name for p in (a / "gravel" / "ground_truth").iterdir()} == set(synthetic.DEFECTS)
+
+
+def test_fit_a_plain_folder_of_good_images(dataset, tmp_path, capsys):
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for p in sorted((dataset / "brick" / "train" / "good").iterdir()):
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / "broken.png").write_bytes(b"not a png")
+    model = tmp_path / "m.pcf"
+    assert main(["--quiet", "fit", str(folder), "--out", str(model), *SMALL]) == 2  # broken.png named, nothing saved
+    assert "broken.png" in capsys.readouterr().err and not model.exists()
+    assert main(["fit", str(folder), "--out", str(model), "--skip-bad-images", "--quiet", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "fitting 5 images (whole image resized to 64 x 64); 1 other file(s) left alone" in out
+    assert "framing whole" in out and model.is_file()
+    pred = tmp_path / "pred"
+    assert main(["predict", str(model), str(folder), "--out", str(pred), "--skip-bad-images", "--quiet"]) == 0
+    assert len(list(pred.glob("*.png"))) == 4  # Thumbs.db left alone, broken.png skipped
+
+
+def test_outputs_are_checked_before_any_work(dataset, tmp_path, capsys):
+    folder_out = tmp_path / "exists"
+    folder_out.mkdir()
+    assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(folder_out), *SMALL]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert list(folder_out.iterdir()) == []
+    assert main(["--quiet", "evaluate", str(dataset), "--categories", "nope", "--out", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e").exists()
