@@ -2,17 +2,47 @@
 #include <torch/extension.h>
 #include <omp.h>
 
+#include <chrono>
+#include <memory>
+
 #include "cpu/cpu_dispatch.h"
 #include "ops.h"
 
 namespace {
+
+// Progress for the CPU kernels: answers Ctrl-C (the kernel stops between units of work and the
+// binding raises KeyboardInterrupt) and passes the work done to `callback` (a Python callable or
+// None) at most five times a second. Runs on the calling thread, which holds the GIL.
+patchcore::Progress python_progress(const py::object& callback) {
+  auto last = std::make_shared<std::chrono::steady_clock::time_point>();
+  return [callback, last](int64_t done) -> bool {
+    if (PyErr_CheckSignals() != 0) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (callback.is_none() || now - *last < std::chrono::milliseconds(200)) return true;
+    *last = now;
+    try {
+      callback(done);
+    } catch (py::error_already_set& error) {
+      error.restore();
+      return false;
+    }
+    return true;
+  };
+}
+
+// After a kernel that may have stopped early: re-raise what stopped it.
+template <class T>
+T raise_if_stopped(T result) {
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return result;
+}
 
 void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK_VALUE(a.device() == b.device(), what, ": tensors are on different devices");
 }
 
 at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial, int64_t n,
-                          const std::string& cuda_kernel) {
+                          const std::string& cuda_kernel, const py::object& progress) {
   TORCH_CHECK_VALUE(cuda_kernel == "cached" || cuda_kernel == "resident",
                     "greedy_coreset: cuda_kernel must be 'cached' or 'resident', got '", cuda_kernel, "'");
   TORCH_CHECK_VALUE(features.dim() == 2 && features.scalar_type() == at::kFloat,
@@ -32,7 +62,7 @@ at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial,
 #endif
   }
   TORCH_CHECK_VALUE(features.is_cpu(), "greedy_coreset: unsupported device ", features.device());
-  return patchcore::greedy_coreset_cpu(features, initial, n);
+  return raise_if_stopped(patchcore::greedy_coreset_cpu(features, initial, n, python_progress(progress)));
 }
 
 std::tuple<at::Tensor, at::Tensor> greedy_coreset_stages(const at::Tensor& features, const at::Tensor& initial,
@@ -51,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_coreset_stages(const at::Tensor& featu
 }
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
-                                       const std::string& cuda_kernel) {
+                                       const std::string& cuda_kernel, const py::object& progress) {
   TORCH_CHECK_VALUE(cuda_kernel == "warp16x128" || cuda_kernel == "warp32x64",
                     "knn: cuda_kernel must be 'warp16x128' or 'warp32x64', got '", cuda_kernel, "'");
   TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
@@ -70,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
 #endif
   }
   TORCH_CHECK_VALUE(queries.is_cpu(), "knn: unsupported device ", queries.device());
-  return patchcore::knn_cpu(queries, bank, k);
+  return raise_if_stopped(patchcore::knn_cpu(queries, bank, k, python_progress(progress)));
 }
 
 py::dict build_info() {
@@ -104,13 +134,15 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "patchcore_fast compiled kernels (CPU, and CUDA when built with it)";
   m.def("greedy_coreset", &greedy_coreset, py::arg("features"), py::arg("initial_distances"), py::arg("n"),
-        py::arg("cuda_kernel") = "cached",
-        "Greedy k-center indices (validated inputs; see patchcore_fast.greedy_coreset)");
+        py::arg("cuda_kernel") = "cached", py::arg("progress") = py::none(),
+        "Greedy k-center indices (validated inputs; see patchcore_fast.greedy_coreset). On the CPU, "
+        "progress(picks_done) is called at most 5 times a second and Ctrl-C stops the selection.");
   m.def("greedy_coreset_stages", &greedy_coreset_stages, py::arg("features"), py::arg("initial_distances"),
         py::arg("n"),
         "The resident CUDA coreset kernel with each block's clock cycles per step stage (for benchmarks)");
   m.def("knn", &knn, py::arg("queries"), py::arg("bank"), py::arg("k"),
-        py::arg("cuda_kernel") = "warp16x128",
-        "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn)");
+        py::arg("cuda_kernel") = "warp16x128", py::arg("progress") = py::none(),
+        "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn). On the CPU, progress(queries_done) "
+        "is called at most 5 times a second and Ctrl-C stops the search.");
   m.def("build_info", &build_info, "How this extension was built");
 }

@@ -4,18 +4,28 @@
 // invariants (shapes, dtype, device) so that a direct call cannot crash.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
 #include <tuple>
 
 namespace patchcore {
 
+// Called by the calling thread between units of work (coreset passes, knn query slabs) with
+// the work done so far (picks, queries); returning false stops the kernel early, its output
+// then incomplete (the binding raises). Empty: run to the end.
+using Progress = std::function<bool(int64_t)>;
+
 // Greedy k-center selection. `initial` holds each point's starting distance
 // (L2, same space as `features`); the first pick is its argmax. Returns the
 // `n` selected row indices in selection order (int64). Ties go to the lowest index.
-at::Tensor greedy_coreset_cpu(const at::Tensor& features, const at::Tensor& initial, int64_t n);
+at::Tensor greedy_coreset_cpu(const at::Tensor& features, const at::Tensor& initial, int64_t n,
+                              const Progress& progress = {});
 
 // Exact top-k squared-L2 search: (distances [Q, k] ascending, indices [Q, k]).
 // Ties go to the lower index. No query x bank matrix is ever held.
-std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k);
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+                                           const Progress& progress = {});
 
 #ifdef PATCHCORE_WITH_CUDA
 // The two CUDA coreset kernels (same picks; see csrc/cuda/greedy_coreset_cuda.cuh).

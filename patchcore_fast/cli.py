@@ -219,6 +219,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except KeyboardInterrupt:  # every long step stops within about a second; files are written atomically
+        print("\npatchcore-fast: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError, OSError, UserError) as error:
         # Bad input, files or setup: one line, exit code 2 (--debug shows where).
         if args.debug:

@@ -73,6 +73,7 @@ def greedy_coreset(
     seed: int = 0,
     initial_distances: torch.Tensor | None = None,
     cuda_kernel: str = DEFAULT_CUDA_KERNEL,
+    progress=None,
 ) -> torch.Tensor:
     """Greedy k-center coreset of the rows of `features` [N, D]: int64 indices in selection order.
 
@@ -90,7 +91,9 @@ def greedy_coreset(
     (ties go to the lowest index), so results repeat exactly for a seed on a device.
     float16/bfloat16 features are upcast; the selection runs in float32. `cuda_kernel` picks
     the CUDA kernel (same picks; see CUDA_KERNELS). Values so large that squared distances
-    would overflow float32 are refused with a ValueError.
+    would overflow float32 are refused with a ValueError. `progress(picks_done)`, if given, is
+    called from inside the CPU selection a few times a second; Ctrl-C stops the CPU selection
+    within one pass (milliseconds) with KeyboardInterrupt.
     """
     features = _checks.float_matrix(features, "features")
     num_rows, dim = features.shape
@@ -108,5 +111,5 @@ def greedy_coreset(
         initial = _checks.float_vector(initial_distances, "initial_distances", num_rows, features.device)
 
     if compiled(features.device):
-        return _C.greedy_coreset(space, initial, size, cuda_kernel=cuda_kernel)
+        return _C.greedy_coreset(space, initial, size, cuda_kernel=cuda_kernel, progress=progress)
     return greedy_coreset_reference(space, initial, size)

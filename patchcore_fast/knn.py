@@ -22,7 +22,7 @@ DEFAULT_CUDA_KERNEL = "warp16x128"
 
 @torch.no_grad()
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: int = TILE_ELEMS,
-        cuda_kernel: str = DEFAULT_CUDA_KERNEL):
+        cuda_kernel: str = DEFAULT_CUDA_KERNEL, progress=None):
     """Exact k nearest bank rows of each query by squared L2.
 
     Returns (squared_distances [Q, k] ascending, indices [Q, k] int64); ties go to the
@@ -32,7 +32,9 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: in
     fallback works in chunks of at most `tile_elems` distances. float16/bfloat16 inputs are
     upcast to float32. `cuda_kernel` picks the CUDA warp layout (same results). Values so
     large that squared distances would overflow float32 are refused with a ValueError, so
-    every result is a finite distance and a valid index on every path.
+    every result is a finite distance and a valid index on every path. On the CPU,
+    `progress(queries_done)` is called a few times a second and Ctrl-C stops the search
+    (KeyboardInterrupt) within a fraction of a second.
     """
     queries = _checks.float_matrix(queries, "queries")
     bank = _checks.float_matrix(bank, "bank")
@@ -47,6 +49,6 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: in
 
     if compiled(queries.device):
         if queries.device.type != "cuda" or k <= CUDA_MAX_K:
-            return _C.knn(queries, bank, k, cuda_kernel=cuda_kernel)
+            return _C.knn(queries, bank, k, cuda_kernel=cuda_kernel, progress=progress)
     # Pure torch: no extension, or more neighbours than the fused CUDA kernel keeps.
     return knn_reference(queries, bank, k, chunk_elems=tile_elems)

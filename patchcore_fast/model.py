@@ -14,7 +14,7 @@ from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor, load_backbone
 from .config import PatchCoreConfig
 from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
-from .coreset import greedy_coreset
+from .coreset import coreset_size, greedy_coreset
 from .data import count_images, iter_batches
 from .embedding import patch_embedding
 from .errors import UserError
@@ -192,10 +192,11 @@ class PatchCore:
             raise ValueError(f"features have {features.shape[1]} patches per image; this model's images give "
                              f"{self.grid[0]} x {self.grid[1]}")
         features = features.reshape(-1, features.shape[-1])
-        with self._timed("coreset"), tqdm(total=1, desc="coreset", disable=not self.progress) as bar:
+        size = coreset_size(len(features), c.coreset_ratio)
+        with self._timed("coreset"), tqdm(total=size, desc="coreset", unit="pick", disable=not self.progress) as bar:
             picks = greedy_coreset(features, c.coreset_ratio, projection_dim=c.projection_dim, seed=c.seed,
-                                   cuda_kernel=c.coreset_cuda_kernel)
-            bar.update()
+                                   cuda_kernel=c.coreset_cuda_kernel, progress=lambda done: bar.update(done - bar.n))
+            bar.update(size - bar.n)
         self.bank = MemoryBank(features[picks].contiguous(), self.grid, c)
         return self
 

@@ -143,7 +143,8 @@ int pick_batch(const std::vector<TopRows>& tops, const cpu::Kernels& kernels, co
 
 }  // namespace
 
-at::Tensor greedy_coreset_cpu(const at::Tensor& features_in, const at::Tensor& initial_in, int64_t n) {
+at::Tensor greedy_coreset_cpu(const at::Tensor& features_in, const at::Tensor& initial_in, int64_t n,
+                              const Progress& progress) {
   const cpu::Kernels& kernels = cpu::kernels();
   const at::Tensor features = features_in.contiguous();
   at::Tensor min_distance_t = initial_in.contiguous().clone();
@@ -174,6 +175,7 @@ at::Tensor greedy_coreset_cpu(const at::Tensor& features_in, const at::Tensor& i
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), rows / 256)));
   std::vector<TopRows> tops(threads);
   int64_t step = 0;
+  bool keep_going = true;
 
 #pragma omp parallel num_threads(threads)
   {
@@ -191,6 +193,11 @@ at::Tensor greedy_coreset_cpu(const at::Tensor& features_in, const at::Tensor& i
         batch.describe(pass);
       }  // implicit barrier: every thread sees the batch
       if (step == n) break;
+      // The calling thread (the team's master) reports progress and may stop the selection.
+#pragma omp master
+      keep_going = !progress || progress(step);
+#pragma omp barrier
+      if (!keep_going) break;
     }
   }
   return selected;

@@ -31,7 +31,8 @@ void row_squared_norms(const float* x, int64_t rows, int64_t dim, float* out) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in, const at::Tensor& bank_in, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in, const at::Tensor& bank_in, int64_t k,
+                                           const Progress& progress) {
   const cpu::Kernels& kernels = cpu::kernels();
   const at::Tensor queries = queries_in.contiguous();
   const at::Tensor bank = bank_in.contiguous();
@@ -63,7 +64,13 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in, const a
 
   const cpu::KnnBlock block{queries.data_ptr<float>(), query_norms.data_ptr<float>(), p, bank_norms.data_ptr<float>(),
                             dim, num_bank, k, out_dist.data_ptr<float>(), out_index.data_ptr<int64_t>()};
-  at::parallel_for(0, num_queries, 16, [&](int64_t lo, int64_t hi) { kernels.knn(block, lo, hi); });
+  // Slabs of queries worth about 2^33 multiply-adds (a few tenths of a second) between progress reports.
+  const int64_t slab = std::max<int64_t>(256, (int64_t{1} << 33) / std::max<int64_t>(num_bank * dim, 1));
+  for (int64_t s0 = 0; s0 < num_queries; s0 += slab) {
+    const int64_t s1 = std::min(num_queries, s0 + slab);
+    at::parallel_for(s0, s1, 16, [&](int64_t lo, int64_t hi) { kernels.knn(block, lo, hi); });
+    if (progress && !progress(s1)) break;
+  }
   return {out_dist, out_index};
 }
 
