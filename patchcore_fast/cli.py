@@ -105,13 +105,17 @@ def cmd_predict(args) -> None:
         writer.writerow(["path", "score"])
         for path, score in zip(paths, pred.scores.tolist()):
             writer.writerow([str(path), f"{score:.6f}"])
-    low, high = float(pred.maps.min()), float(pred.maps.max())
+    scale = model.bank.colour_scale()
+    if scale is None:  # a model fitted from pooled features: no good-image scores to set a scale
+        scale = float(pred.maps.min()), float(pred.maps.max())
+        print("this model has no fixed colour scale (fitted from pooled features): overlays use this run's range")
+    low, high = scale
     masks = []
     for path in paths:
         mask_path = mvtec_mask_path(path)
         masks.append(load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None)
     save_overlays(out, paths, [f"{i:04d}_{p.stem}.png" for i, p in enumerate(paths)], pred.maps, masks,
-                  model.transform, model.batch_size, low, high)
+                  model.transform, model.batch_size, low, high, pred.scores)
     print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
 
 

@@ -16,7 +16,7 @@ from .model import PatchCore
 from .overlay import save_overlays
 
 METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro", "PRO"))
-STAGES = ("features", "coreset", "search", "maps", "metrics")
+STAGES = ("features", "coreset", "scale", "search", "maps", "metrics")
 
 
 def method_name(ratio: float) -> str:
@@ -58,6 +58,7 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
         results.append(row)
         timings.append({"method": row["method"], "category": category,
                         "features": feature_seconds if n == 0 else 0.0, "coreset": model.timings["coreset"],
+                        "scale": model.timings["scale"],
                         "search": model.timings["search"], "maps": model.timings["maps"], "metrics": metric_seconds})
         if out_dir is not None and n == 0:
             write_overlays(out_dir / "overlays" / category, model, data, pred, masks)
@@ -65,10 +66,10 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
 
 
 def write_overlays(folder: Path, model: PatchCore, data: MVTecCategory, pred, masks) -> None:
-    low, high = float(pred.maps.min()), float(pred.maps.max())  # one scale per category
+    low, high = model.bank.colour_scale()  # the model's fixed scale: 0 to the highest good-image score
     save_overlays(folder, [item.path for item in data.test], [f"{item.defect}_{item.path.stem}.png" for item in data.test],
                   pred.maps, [masks[i] if item.is_anomalous else None for i, item in enumerate(data.test)],
-                  model.transform, model.batch_size, low, high)
+                  model.transform, model.batch_size, low, high, pred.scores)
 
 
 def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = True, **model_args):

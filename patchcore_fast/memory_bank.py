@@ -31,6 +31,9 @@ class MemoryBank:
     features: torch.Tensor        # [M, embed_dim] float32
     grid: tuple[int, int]         # patch grid of one image
     config: PatchCoreConfig
+    #: Image scores of up to 16 training images, each scored against the bank without its own
+    #: patches (what a good image scores), when fitted from per-image features; else None.
+    normal_scores: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.features.dim() != 2 or self.features.shape[1] != self.config.embed_dim:
@@ -42,7 +45,13 @@ class MemoryBank:
         return len(self.features)
 
     def to(self, device) -> "MemoryBank":
-        return MemoryBank(self.features.to(device), self.grid, self.config)
+        return MemoryBank(self.features.to(device), self.grid, self.config, self.normal_scores)
+
+    def colour_scale(self) -> tuple[float, float] | None:
+        """The fixed scale of this model's heat maps: 0 to the highest score of a good image."""
+        if self.normal_scores is None or len(self.normal_scores) == 0:
+            return None
+        return 0.0, float(self.normal_scores.max())
 
     def search(self, queries: torch.Tensor, k: int):
         """(squared distances [Q, k], indices [Q, k]) of each query's k nearest bank entries."""
@@ -58,8 +67,10 @@ class MemoryBank:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
         os.close(fd)
         try:
-            save_file({"memory_bank": self.features.float().cpu().contiguous()}, tmp,
-                      metadata={"patchcore_fast": json.dumps(meta)})
+            tensors = {"memory_bank": self.features.float().cpu().contiguous()}
+            if self.normal_scores is not None:
+                tensors["normal_scores"] = self.normal_scores.float().cpu().contiguous()
+            save_file(tensors, tmp, metadata={"patchcore_fast": json.dumps(meta)})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -77,6 +88,7 @@ class MemoryBank:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["patchcore_fast"])
                 features = f.get_tensor("memory_bank")
+                normal = f.get_tensor("normal_scores") if "normal_scores" in f.keys() else None
         except Exception as error:
             raise ValueError(f"{path} is not a readable patchcore_fast model ({type(error).__name__}: {error})") from error
         version = meta.get("format_version")
@@ -90,6 +102,6 @@ class MemoryBank:
                                          **meta["settings"])
             else:
                 config = PatchCoreConfig.from_dict(meta["config"])
-            return cls(features, tuple(meta["grid"]), config)
+            return cls(features, tuple(meta["grid"]), config, normal)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path} has inconsistent model metadata: {error}") from error

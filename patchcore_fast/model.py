@@ -191,14 +191,38 @@ class PatchCore:
         if features.dim() == 3 and features.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError(f"features have {features.shape[1]} patches per image; this model's images give "
                              f"{self.grid[0]} x {self.grid[1]}")
+        per_image = features if features.dim() == 3 else None
         features = features.reshape(-1, features.shape[-1])
         size = coreset_size(len(features), c.coreset_ratio)
         with self._timed("coreset"), tqdm(total=size, desc="coreset", unit="pick", disable=not self.progress) as bar:
             picks = greedy_coreset(features, c.coreset_ratio, projection_dim=c.projection_dim, seed=c.seed,
                                    cuda_kernel=c.coreset_cuda_kernel, progress=lambda done: bar.update(done - bar.n))
             bar.update(size - bar.n)
-        self.bank = MemoryBank(features[picks].contiguous(), self.grid, c)
+        bank = MemoryBank(features[picks].contiguous(), self.grid, c)
+        if per_image is not None:
+            with self._timed("scale"):
+                bank = MemoryBank(bank.features, bank.grid, c, self._normal_scores(per_image, picks, bank))
+        self.bank = bank
         return self
+
+    #: Training images scored without their own patches to set the heat maps' colour scale.
+    NORMAL_SAMPLE = 16
+
+    def _normal_scores(self, per_image: torch.Tensor, picks: torch.Tensor, bank: MemoryBank) -> torch.Tensor | None:
+        """Image scores of a seeded sample of training images, each against the bank without the
+        rows picked from it: how a good image the model has not seen scores."""
+        images, patches = per_image.shape[:2]
+        if images < 2:
+            return None
+        generator = torch.Generator().manual_seed(self.config.seed)
+        sample = torch.randperm(images, generator=generator)[: self.NORMAL_SAMPLE].tolist()
+        source = (picks // patches).to(bank.features.device)
+        scores = []
+        for image in sample:
+            others = MemoryBank(bank.features[source != image], bank.grid, bank.config)
+            image_scores, _ = self._score_chunk(others, per_image[image : image + 1].to(self.device))
+            scores.append(image_scores.cpu())
+        return torch.cat(scores)
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
@@ -220,22 +244,29 @@ class PatchCore:
         bank = self._fitted_bank()
         c = self.config
         scores, maps = [], []
-        k = min(c.num_neighbors, len(bank))
         for start in range(0, len(features), batch_size):
             chunk = features[start : start + batch_size].to(self.device)
-            b, patches, dim = chunk.shape
+            b = len(chunk)
             with self._timed("search"):
-                distances, indices = bank.search(chunk.reshape(-1, dim), k)
-                patch_scores = distances.mean(dim=1).reshape(b, patches)  # the authors average over k
-                image_scores, worst = patch_scores.max(dim=1)
-                if c.reweight:
-                    rows = torch.arange(b, device=chunk.device)
-                    nearest = indices.reshape(b, patches, k)[rows, worst, 0]
-                    image_scores = image_scores * self._reweight(bank, chunk[rows, worst], nearest)
+                image_scores, patch_scores = self._score_chunk(bank, chunk)
             with self._timed("maps"):
                 maps.append(anomaly_maps(patch_scores.reshape(b, *bank.grid), c.image_size).cpu())
             scores.append(image_scores.cpu())
         return Prediction(torch.cat(scores), torch.cat(maps))
+
+    def _score_chunk(self, bank: MemoryBank, chunk: torch.Tensor):
+        """(image scores [b], patch scores [b, patches]) of patch features [b, patches, dim]."""
+        c = self.config
+        b, patches, dim = chunk.shape
+        k = min(c.num_neighbors, len(bank))
+        distances, indices = bank.search(chunk.reshape(-1, dim), k)
+        patch_scores = distances.mean(dim=1).reshape(b, patches)  # the authors average over k
+        image_scores, worst = patch_scores.max(dim=1)
+        if c.reweight:
+            rows = torch.arange(b, device=chunk.device)
+            nearest = indices.reshape(b, patches, k)[rows, worst, 0]
+            image_scores = image_scores * self._reweight(bank, chunk[rows, worst], nearest)
+        return image_scores, patch_scores
 
     def _fitted_bank(self) -> MemoryBank:
         if self.bank is None:

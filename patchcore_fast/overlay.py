@@ -27,25 +27,50 @@ def contour(mask: np.ndarray) -> np.ndarray:
 
 
 def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low: float, high: float,
-                 mask: torch.Tensor | None = None) -> None:
-    """image [3, S, S] in [0, 1]; the map is scaled from [low, high] to the colour ramp."""
+                 mask: torch.Tensor | None = None, score: float | None = None) -> None:
+    """image [3, S, S] in [0, 1]; the map is coloured on the fixed scale [low, high] (values above
+    saturate red), with a colour bar on the right, the image score on top and the ground-truth
+    contour (green) when a mask is given."""
+    from PIL import ImageDraw
+
     rgb = image.permute(1, 2, 0).cpu().numpy()
     heat = heat_colours((anomaly_map.cpu().numpy() - low) / max(high - low, 1e-12))
     out = 0.5 * rgb + 0.5 * heat
     if mask is not None:
         out[contour(mask.cpu().numpy().astype(bool))] = (0.0, 1.0, 0.0)
+    size = out.shape[0]
+    bar_width, label_width = max(8, size // 20), 64
+    canvas = Image.new("RGB", (out.shape[1] + bar_width + label_width, size), (255, 255, 255))
+    canvas.paste(Image.fromarray((out * 255).round().astype(np.uint8)), (0, 0))
+    ramp = heat_colours(np.linspace(1, 0, size))[:, None, :].repeat(bar_width, axis=1)  # top = high
+    canvas.paste(Image.fromarray((ramp * 255).round().astype(np.uint8)), (out.shape[1], 0))
+    draw = ImageDraw.Draw(canvas)
+    x = out.shape[1] + bar_width + 3
+    for fraction, value in ((0.0, high), (0.5, (low + high) / 2), (1.0, low)):
+        y = min(max(int(fraction * size) - 5, 0), size - 11)
+        draw.text((x, y), _short(value), fill=(0, 0, 0))
+    if score is not None:
+        text = f"score {_short(score)}"
+        draw.rectangle((0, 0, 6 * len(text) + 6, 13), fill=(0, 0, 0))
+        draw.text((3, 1), text, fill=(255, 255, 255))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((out * 255).round().astype(np.uint8)).save(path)
+    canvas.save(path)
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}".replace("e+0", "e").replace("e+", "e")
 
 
 def save_overlays(folder: Path, paths, names, maps: torch.Tensor, masks, transform, batch_size: int,
-                  low: float, high: float) -> None:
+                  low: float, high: float, scores=None) -> None:
     """One overlay per image file: `paths[i]` transformed as the model saw it, `maps[i]` on the
-    colour scale [low, high], `masks[i]` (or None) as a contour, saved as folder / names[i]."""
+    colour scale [low, high], `masks[i]` (or None) as a contour, `scores[i]` printed on it, saved
+    as folder / names[i]."""
     from .data import iter_batches
 
     index = 0
     for batch in iter_batches(list(paths), transform, batch_size):
         for image in batch:
-            save_overlay(Path(folder) / names[index], image, maps[index], low, high, masks[index])
+            score = None if scores is None else float(scores[index])
+            save_overlay(Path(folder) / names[index], image, maps[index], low, high, masks[index], score)
             index += 1

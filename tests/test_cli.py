@@ -2,6 +2,8 @@
 
 import csv
 
+import numpy as np
+
 import pytest
 
 from patchcore_fast import synthetic
@@ -24,7 +26,7 @@ def test_evaluate_writes_results_tables_and_timings(dataset, tmp_path, capsys):
         ("PatchCore-25", "brick"), ("PatchCore-10", "brick"), ("PatchCore-25", "grass"), ("PatchCore-10", "grass")]
     assert all(0 <= float(r[k]) <= 100 for r in rows for k in ("image_auroc", "pixel_auroc", "pro"))
     timings = list(csv.DictReader(open(out / "timings.csv")))
-    assert set(timings[0]) == {"method", "category", "features", "coreset", "search", "maps", "metrics"}
+    assert set(timings[0]) == {"method", "category", "features", "coreset", "scale", "search", "maps", "metrics"}
     tables = (out / "tables.md").read_text()
     assert "| Method | Avg | brick | grass |" in tables and tables.count("PatchCore-25") == 3
     assert "### PRO" in capsys.readouterr().out
@@ -101,3 +103,25 @@ def test_outputs_are_checked_before_any_work(dataset, tmp_path, capsys):
     assert list(folder_out.iterdir()) == []
     assert main(["--quiet", "evaluate", str(dataset), "--categories", "nope", "--out", str(tmp_path / "e")]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_overlays_use_the_models_fixed_scale(dataset, tmp_path):
+    """A good image's overlay is the same whether it is predicted alone or next to a defect."""
+    from PIL import Image
+
+    from patchcore_fast import PatchCore
+
+    model_path = tmp_path / "brick.pcf"
+    assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(model_path), *SMALL]) == 0
+    model = PatchCore.load(model_path, device="cpu", progress=False)
+    low, high = model.bank.colour_scale()
+    assert low == 0 and high > 0 and len(model.bank.normal_scores) == 4  # all 4 training images, each left out
+    good = dataset / "brick" / "test" / "good" / "000.png"
+    defect = next((dataset / "brick" / "test").glob("[!g]*/000.png"))
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    assert main(["--quiet", "predict", str(model_path), str(good), "--out", str(alone)]) == 0
+    assert main(["--quiet", "predict", str(model_path), str(good), str(defect), "--out", str(together)]) == 0
+    a, b = Image.open(alone / "0000_000.png"), Image.open(together / "0000_000.png")
+    assert a.size == (64 + 8 + 64, 64)  # image, colour bar, labels
+    # equal up to the backbone's rounding in a batch of one vs two (per-run scaling moved whole colours)
+    assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
