@@ -65,6 +65,10 @@ def cmd_fit(args) -> None:
     print(f"fitting {len(images)} images ({model.transform.describe()})"
           + (f"; {ignored} other file(s) left alone" if ignored else ""))
     model.fit(images)
+    if args.calibrate:
+        calibration, _ = training_images(args.calibrate, None)
+        model.calibrate(calibration, args.quantile)
+        print(f"threshold {model.bank.threshold:.6g}: {model.bank.threshold_source}")
     model.save(out)
     print(f"saved {out}: memory bank {tuple(model.memory_bank.shape)}, {model.config.backbone.name}, "
           f"framing {model.config.framing}")
@@ -102,9 +106,15 @@ def cmd_predict(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "score"])
-        for path, score in zip(paths, pred.scores.tolist()):
-            writer.writerow([str(path), f"{score:.6f}"])
+        if pred.threshold is None:
+            writer.writerow(["path", "score"])
+            for path, score in zip(paths, pred.scores.tolist()):
+                writer.writerow([str(path), f"{score:.6f}"])
+        else:  # normalised: 1.0 is the calibrated threshold
+            writer.writerow(["path", "score", "normalized_score", "is_anomalous"])
+            for path, score, norm, flag in zip(paths, pred.scores.tolist(), pred.normalized.tolist(),
+                                               pred.is_anomalous.tolist()):
+                writer.writerow([str(path), f"{score:.6f}", f"{norm:.6f}", int(flag)])
     scale = model.bank.colour_scale()
     if scale is None:  # a model fitted from pooled features: no good-image scores to set a scale
         scale = float(pred.maps.min()), float(pred.maps.max())
@@ -115,7 +125,7 @@ def cmd_predict(args) -> None:
         mask_path = mvtec_mask_path(path)
         masks.append(load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None)
     save_overlays(out, paths, [f"{i:04d}_{p.stem}.png" for i, p in enumerate(paths)], pred.maps, masks,
-                  model.transform, model.batch_size, low, high, pred.scores)
+                  model.transform, model.batch_size, low, high, pred.scores, pred.threshold)
     print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
 
 
@@ -184,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", parents=after, help="fit on a folder of good images (or ROOT/CATEGORY/train/good) and save")
     p.add_argument("root", help="a folder of good images, or an MVTec AD root with --category")
     p.add_argument("--category", help="MVTec AD layout: fit on ROOT/CATEGORY/train/good")
+    p.add_argument("--calibrate", metavar="FOLDER", help="good images not used for fitting: sets the decision threshold")
+    p.add_argument("--quantile", type=float, default=0.99,
+                   help="threshold = this quantile of the calibration images' scores (default 0.99)")
     p.add_argument("--out", required=True)
     model_options(p)
     p.set_defaults(run=cmd_fit)

@@ -7,6 +7,7 @@ safetensors file: the bank as a tensor, the rest as JSON metadata with a format 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -34,6 +35,9 @@ class MemoryBank:
     #: Image scores of up to 16 training images, each scored against the bank without its own
     #: patches (what a good image scores), when fitted from per-image features; else None.
     normal_scores: torch.Tensor | None = None
+    #: Decision threshold on image scores (PatchCore.calibrate), and how it was chosen.
+    threshold: float | None = None
+    threshold_source: str | None = None
 
     def __post_init__(self):
         if self.features.dim() != 2 or self.features.shape[1] != self.config.embed_dim:
@@ -45,10 +49,16 @@ class MemoryBank:
         return len(self.features)
 
     def to(self, device) -> "MemoryBank":
-        return MemoryBank(self.features.to(device), self.grid, self.config, self.normal_scores)
+        return dataclasses.replace(self, features=self.features.to(device))
+
+    def with_threshold(self, threshold: float, source: str) -> "MemoryBank":
+        return dataclasses.replace(self, threshold=float(threshold), threshold_source=source)
 
     def colour_scale(self) -> tuple[float, float] | None:
-        """The fixed scale of this model's heat maps: 0 to the highest score of a good image."""
+        """The fixed scale of this model's heat maps: 0 to the decision threshold when calibrated (red
+        means at or above it), else 0 to the highest score of a good image."""
+        if self.threshold is not None:
+            return 0.0, self.threshold
         if self.normal_scores is None or len(self.normal_scores) == 0:
             return None
         return 0.0, float(self.normal_scores.max())
@@ -63,7 +73,7 @@ class MemoryBank:
 
         path = Path(path)
         meta = {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "config": self.config.to_dict(),
-                "grid": list(self.grid)}
+                "grid": list(self.grid), "threshold": self.threshold, "threshold_source": self.threshold_source}
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
         os.close(fd)
         try:
@@ -102,6 +112,6 @@ class MemoryBank:
                                          **meta["settings"])
             else:
                 config = PatchCoreConfig.from_dict(meta["config"])
-            return cls(features, tuple(meta["grid"]), config, normal)
+            return cls(features, tuple(meta["grid"]), config, normal, meta.get("threshold"), meta.get("threshold_source"))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path} has inconsistent model metadata: {error}") from error

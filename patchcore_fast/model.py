@@ -26,6 +26,17 @@ from .memory_bank import FORMAT_VERSION, MemoryBank  # noqa: F401  (FORMAT_VERSI
 class Prediction:
     scores: torch.Tensor  # [B] image anomaly scores
     maps: torch.Tensor    # [B, image_size, image_size] pixel anomaly scores
+    threshold: float | None = None  # the model's calibrated decision threshold, if it has one
+
+    @property
+    def normalized(self) -> torch.Tensor | None:
+        """Scores over the threshold: 1.0 is the threshold (None for an uncalibrated model)."""
+        return None if self.threshold is None else self.scores / self.threshold
+
+    @property
+    def is_anomalous(self) -> torch.Tensor | None:
+        """Scores above the threshold (None for an uncalibrated model)."""
+        return None if self.threshold is None else self.scores > self.threshold
 
 
 class _StageTimer:
@@ -236,7 +247,21 @@ class PatchCore:
             parts.append(self.score(features))
         if not parts:
             raise ValueError("no images to score")
-        return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]))
+        return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]), self.bank.threshold)
+
+    @torch.no_grad()
+    def calibrate(self, good_images, quantile: float = 0.99) -> "PatchCore":
+        """Sets the decision threshold to the `quantile` of the scores of defect-free images the model
+        was not fitted on (linear interpolation between order statistics); saved with the model."""
+        bank = self._fitted_bank()
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+        scores = self.predict(good_images).scores.double()
+        threshold = float(torch.quantile(scores, quantile))
+        if not threshold > 0:
+            raise ValueError(f"the calibration images score {threshold} at quantile {quantile}: no usable threshold")
+        self.bank = bank.with_threshold(threshold, f"quantile {quantile:g} of {len(scores)} good images")
+        return self
 
     @torch.no_grad()
     def score(self, features: torch.Tensor, batch_size: int = 64) -> Prediction:
@@ -252,7 +277,7 @@ class PatchCore:
             with self._timed("maps"):
                 maps.append(anomaly_maps(patch_scores.reshape(b, *bank.grid), c.image_size).cpu())
             scores.append(image_scores.cpu())
-        return Prediction(torch.cat(scores), torch.cat(maps))
+        return Prediction(torch.cat(scores), torch.cat(maps), bank.threshold)
 
     def _score_chunk(self, bank: MemoryBank, chunk: torch.Tensor):
         """(image scores [b], patch scores [b, patches]) of patch features [b, patches, dim]."""

@@ -27,10 +27,12 @@ def contour(mask: np.ndarray) -> np.ndarray:
 
 
 def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low: float, high: float,
-                 mask: torch.Tensor | None = None, score: float | None = None) -> None:
+                 mask: torch.Tensor | None = None, score: float | None = None,
+                 threshold: float | None = None) -> None:
     """image [3, S, S] in [0, 1]; the map is coloured on the fixed scale [low, high] (values above
     saturate red), with a colour bar on the right, the image score on top and the ground-truth
-    contour (green) when a mask is given."""
+    contour (green) when a mask is given. With a threshold, the score is also shown relative to
+    it, with the decision."""
     from PIL import ImageDraw
 
     rgb = image.permute(1, 2, 0).cpu().numpy()
@@ -53,6 +55,11 @@ def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low
         text = f"score {_short(score)}"
         draw.rectangle((0, 0, 6 * len(text) + 6, 13), fill=(0, 0, 0))
         draw.text((3, 1), text, fill=(255, 255, 255))
+        if threshold is not None:
+            anomalous = score > threshold
+            text = f"{score / threshold:.2f} x threshold: {'ANOMALOUS' if anomalous else 'normal'}"
+            draw.rectangle((0, 14, 6 * len(text) + 6, 27), fill=(200, 0, 0) if anomalous else (0, 110, 0))
+            draw.text((3, 15), text, fill=(255, 255, 255))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 
@@ -62,7 +69,7 @@ def _short(value: float) -> str:
 
 
 def save_overlays(folder: Path, paths, names, maps: torch.Tensor, masks, transform, batch_size: int,
-                  low: float, high: float, scores=None) -> None:
+                  low: float, high: float, scores=None, threshold: float | None = None) -> None:
     """One overlay per image file: `paths[i]` transformed as the model saw it, `maps[i]` on the
     colour scale [low, high], `masks[i]` (or None) as a contour, `scores[i]` printed on it, saved
     as folder / names[i]."""
@@ -72,5 +79,5 @@ def save_overlays(folder: Path, paths, names, maps: torch.Tensor, masks, transfo
     for batch in iter_batches(list(paths), transform, batch_size):
         for image in batch:
             score = None if scores is None else float(scores[index])
-            save_overlay(Path(folder) / names[index], image, maps[index], low, high, masks[index], score)
+            save_overlay(Path(folder) / names[index], image, maps[index], low, high, masks[index], score, threshold)
             index += 1

@@ -3,8 +3,8 @@
 import csv
 
 import numpy as np
-
 import pytest
+import torch
 
 from patchcore_fast import synthetic
 from patchcore_fast.cli import main
@@ -125,3 +125,27 @@ def test_overlays_use_the_models_fixed_scale(dataset, tmp_path):
     assert a.size == (64 + 8 + 64, 64)  # image, colour bar, labels
     # equal up to the backbone's rounding in a batch of one vs two (per-run scaling moved whole colours)
     assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+
+
+def test_calibrated_threshold_gives_decisions(dataset, tmp_path):
+    from patchcore_fast import PatchCore
+
+    model_path = tmp_path / "brick.pcf"
+    good = dataset / "brick" / "test" / "good"
+    assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(model_path), "--calibrate",
+                 str(good), "--quantile", "0.5", *SMALL]) == 0
+    model = PatchCore.load(model_path, device="cpu", progress=False)
+    plain = PatchCore.from_config(model.config, device="cpu", progress=False)
+    plain.bank = model.bank  # the same bank: the scores the threshold came from
+    expected = float(torch.quantile(plain.predict(sorted(good.iterdir())).scores.double(), 0.5))
+    assert model.bank.threshold == pytest.approx(expected, rel=1e-6)
+    assert model.bank.colour_scale() == (0.0, model.bank.threshold)
+    out = tmp_path / "pred"
+    defect = next((dataset / "brick" / "test").glob("[!g]*/000.png"))
+    assert main(["--quiet", "predict", str(model_path), str(good), str(defect), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert set(rows[0]) == {"path", "score", "normalized_score", "is_anomalous"}
+    for row in rows:
+        norm = float(row["score"]) / model.bank.threshold
+        assert float(row["normalized_score"]) == pytest.approx(norm, rel=1e-5)
+        assert row["is_anomalous"] == str(int(norm > 1))
