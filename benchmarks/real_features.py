@@ -21,14 +21,14 @@ def cache_dir() -> Path:
 
 def tire_features() -> torch.Tensor | None:
     """[164640, 1024] float32 features of tire/train/good, or None where the data is absent."""
-    path = cache_dir() / "tire_train_efficientnet_lite0.pt"
+    path = cache_dir() / "tire_train_efficientnet_lite0_center_crop.pt"
     if path.exists():
         return torch.load(path)
     if not TIRE_TRAIN.is_dir():
         return None
     from patchcore_fast import PatchCore
 
-    model = PatchCore(backbone="efficientnet_lite0", device="cpu", progress=False)
+    model = PatchCore(backbone="efficientnet_lite0", framing="center_crop", device="cpu", progress=False)
     features = model.extract(TIRE_TRAIN).reshape(-1, model.config.embed_dim).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
