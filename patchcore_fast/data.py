@@ -234,6 +234,7 @@ class MVTecCategory:
     name: str
     train: list[Path]
     test: list[TestImage]
+    validation: list[Path] = ()  # validation/good when the category has one (MVTec 3D-AD does)
 
     @classmethod
     def open(cls, root, category: str) -> "MVTecCategory":
@@ -259,7 +260,8 @@ class MVTecCategory:
                               RuntimeWarning, stacklevel=2)
         if not test:
             raise ValueError(f"test folder {test_root} holds no images")
-        return cls(Path(root), category, train, test)
+        validation = image_files(base / "validation" / "good") if (base / "validation" / "good").is_dir() else []
+        return cls(Path(root), category, train, test, validation)
 
     @staticmethod
     def categories(root) -> list[str]:

@@ -15,7 +15,11 @@ from .data import MVTecCategory, load_mask
 from .model import PatchCore
 from .overlay import save_overlays
 
-METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro", "PRO"))
+METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro", "PRO"),
+           ("f1", "Image F1 at the calibrated threshold"))
+#: The threshold: this quantile of the validation/good images' scores where the category has them,
+#: else the highest leave-one-out score of the training images (MemoryBank.normal_scores).
+CALIBRATION_QUANTILE = 0.99
 STAGES = ("features", "coreset", "scale", "search", "maps", "metrics")
 
 
@@ -33,6 +37,7 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
     base = PatchCore(coreset_ratio=ratios[0], progress=progress, **model_args)
     train = base.extract(data.train, desc=f"{category} train features")
     test = base.extract([item.path for item in data.test], desc=f"{category} test features")
+    validation = base.extract(data.validation, desc=f"{category} validation features") if data.validation else None
     feature_seconds = base.timings["features"]
     labels = torch.tensor([item.is_anomalous for item in data.test])
     masks = [load_mask(item, base.transform) for item in data.test]
@@ -46,7 +51,8 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
         pred = model.score(test)
         start = time.perf_counter()
         row = {"method": method_name(ratio), "category": category,
-               "image_auroc": 100 * metrics.auroc(pred.scores, labels)}
+               "image_auroc": 100 * metrics.auroc(pred.scores, labels),
+               "f1": 100 * f1_score(pred.scores > calibrated_threshold(model, validation), labels)}
         if has_defect_masks:
             maps = pred.maps[with_mask]
             gt = torch.stack([masks[i] for i in with_mask])
@@ -63,6 +69,19 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
         if out_dir is not None and n == 0:
             write_overlays(out_dir / "overlays" / category, model, data, pred, masks)
     return results, timings
+
+
+def calibrated_threshold(model: PatchCore, validation: torch.Tensor | None) -> float:
+    if validation is not None:
+        scores = model.score(validation).scores.double()
+        return float(torch.quantile(scores, CALIBRATION_QUANTILE))
+    return float(model.bank.normal_scores.max())
+
+
+def f1_score(flagged: torch.Tensor, labels: torch.Tensor) -> float:
+    tp = int((flagged & labels).sum())
+    wrong = int((flagged != labels).sum())
+    return 2 * tp / (2 * tp + wrong) if tp or wrong else 1.0
 
 
 def write_overlays(folder: Path, model: PatchCore, data: MVTecCategory, pred, masks) -> None:
@@ -96,7 +115,7 @@ def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = Tru
         r, t = evaluate_category(root, category, ratios, out_dir, progress=progress, **model_args)
         results += r
         timings += t
-    write_csv(out_dir / "results.csv", results, ["method", "category", "image_auroc", "pixel_auroc", "pro"])
+    write_csv(out_dir / "results.csv", results, ["method", "category", "image_auroc", "pixel_auroc", "pro", "f1"])
     write_csv(out_dir / "timings.csv", timings, ["method", "category", *STAGES])
     tables = markdown_tables(results)
     (out_dir / "tables.md").write_text(tables)

@@ -32,7 +32,7 @@ class MemoryBank:
     features: torch.Tensor        # [M, embed_dim] float32
     grid: tuple[int, int]         # patch grid of one image
     config: PatchCoreConfig
-    #: Image scores of up to 16 training images, each scored against the bank without its own
+    #: Image scores of up to 8 training images, each scored against the bank without its own
     #: patches (what a good image scores), when fitted from per-image features; else None.
     normal_scores: torch.Tensor | None = None
     #: Decision threshold on image scores (PatchCore.calibrate), and how it was chosen.

@@ -217,7 +217,7 @@ class PatchCore:
         return self
 
     #: Training images scored without their own patches to set the heat maps' colour scale.
-    NORMAL_SAMPLE = 16
+    NORMAL_SAMPLE = 8
 
     def _normal_scores(self, per_image: torch.Tensor, picks: torch.Tensor, bank: MemoryBank) -> torch.Tensor | None:
         """Image scores of a seeded sample of training images, each against the bank without the

@@ -28,7 +28,8 @@ def test_evaluate_writes_results_tables_and_timings(dataset, tmp_path, capsys):
     timings = list(csv.DictReader(open(out / "timings.csv")))
     assert set(timings[0]) == {"method", "category", "features", "coreset", "scale", "search", "maps", "metrics"}
     tables = (out / "tables.md").read_text()
-    assert "| Method | Avg | brick | grass |" in tables and tables.count("PatchCore-25") == 3
+    assert "| Method | Avg | brick | grass |" in tables and tables.count("PatchCore-25") == 4
+    assert "### Image F1 at the calibrated threshold" in tables and all(0 <= float(r["f1"]) <= 100 for r in rows)
     assert "### PRO" in capsys.readouterr().out
     assert len(list((out / "overlays" / "brick").glob("*.png"))) == 6
 
@@ -149,3 +150,14 @@ def test_calibrated_threshold_gives_decisions(dataset, tmp_path):
         norm = float(row["score"]) / model.bank.threshold
         assert float(row["normalized_score"]) == pytest.approx(norm, rel=1e-5)
         assert row["is_anomalous"] == str(int(norm > 1))
+
+
+def test_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score as sk_f1
+
+    from patchcore_fast.evaluate import f1_score
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        flagged, labels = torch.rand(30, generator=g) > 0.5, torch.rand(30, generator=g) > 0.4
+        assert f1_score(flagged, labels) == pytest.approx(sk_f1(labels.numpy(), flagged.numpy()), abs=1e-12)
