@@ -9,6 +9,7 @@ import numbers
 import torch
 
 from . import _checks
+from . import torch_ops  # noqa: F401  (registers torch.ops.patchcore_fast.*)
 from ._extension import _C, compiled
 from .reference.coreset import greedy_coreset_reference, pairwise_l2
 
@@ -111,5 +112,7 @@ def greedy_coreset(
         initial = _checks.float_vector(initial_distances, "initial_distances", num_rows, features.device)
 
     if compiled(features.device):
+        if torch.compiler.is_compiling():  # the custom operator keeps the call in the traced graph
+            return torch.ops.patchcore_fast.greedy_coreset(space, initial, size, cuda_kernel)
         return _C.greedy_coreset(space, initial, size, cuda_kernel=cuda_kernel, progress=progress)
     return greedy_coreset_reference(space, initial, size)

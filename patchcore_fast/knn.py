@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from . import torch_ops  # noqa: F401  (registers torch.ops.patchcore_fast.*)
 from ._extension import CUDA_MAX_K, _C, compiled
 from .reference.knn import knn_reference
 
@@ -49,6 +50,8 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: in
 
     if compiled(queries.device):
         if queries.device.type != "cuda" or k <= CUDA_MAX_K:
+            if torch.compiler.is_compiling():  # the custom operator keeps the call in the traced graph
+                return torch.ops.patchcore_fast.knn(queries, bank, k, cuda_kernel)
             return _C.knn(queries, bank, k, cuda_kernel=cuda_kernel, progress=progress)
     # Pure torch: no extension, or more neighbours than the fused CUDA kernel keeps.
     return knn_reference(queries, bank, k, chunk_elems=tile_elems)
