@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -12,6 +14,27 @@ CPU_PATHS = build_info().get("cpu_isa_supported") or ["generic"]
 def kernel_params():
     """One test parameter per CPU path ("cpu:avx2") and per CUDA kernel given ("cuda:cached")."""
     return [f"cpu:{path}" for path in CPU_PATHS]
+
+
+def kernel_fixtures(function, cuda_kernels, call_name):
+    """Fixtures for a test module of one kernel: `kernel` (one parameter per CPU path this CPU runs
+    and per CUDA variant when a GPU is present), `device`, and `call_name`: `function` with that
+    variant's CUDA kernel passed explicitly (not a module switch). Assign the three to module names."""
+    params = kernel_params() + [f"cuda:{k}" for k in cuda_kernels if "cuda" in DEVICES]
+
+    @pytest.fixture(name="kernel", params=params)
+    def kernel(request, monkeypatch):
+        return use_kernel(request.param, monkeypatch)
+
+    @pytest.fixture(name="device")
+    def device(kernel):
+        return kernel[0]
+
+    @pytest.fixture(name=call_name)
+    def call(kernel):
+        return functools.partial(function, **kernel[1])
+
+    return kernel, device, call
 
 
 def use_kernel(param, monkeypatch):

@@ -1,7 +1,5 @@
 """greedy_coreset against the authors' loop (patchcore_fast.reference), on CPU and CUDA."""
 
-import functools
-
 import pytest
 import torch
 
@@ -9,26 +7,9 @@ import patchcore_fast
 from patchcore_fast.coreset import mean_start_distances, seeded_start
 from patchcore_fast.reference import greedy_coreset_reference, pairwise_l2
 
-from conftest import DEVICES, clustered_rows, integer_rows, kernel_params, use_kernel
+from conftest import DEVICES, clustered_rows, integer_rows, kernel_fixtures
 
-CORESET_KERNELS = kernel_params() + [f"cuda:{k}" for k in patchcore_fast.coreset.CUDA_KERNELS if "cuda" in DEVICES]
-
-
-@pytest.fixture(params=CORESET_KERNELS)
-def kernel(request, monkeypatch):
-    """Each CPU instruction-set path this CPU runs, and each CUDA kernel when a GPU is present."""
-    return use_kernel(request.param, monkeypatch)
-
-
-@pytest.fixture
-def device(kernel):
-    return kernel[0]
-
-
-@pytest.fixture
-def coreset(kernel):
-    """greedy_coreset with the CUDA kernel the parameter names (explicitly, not a module switch)."""
-    return functools.partial(patchcore_fast.greedy_coreset, **kernel[1])
+kernel, device, coreset = kernel_fixtures(patchcore_fast.greedy_coreset, patchcore_fast.coreset.CUDA_KERNELS, "coreset")
 
 
 def start(space, seed=0):

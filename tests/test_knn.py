@@ -1,6 +1,5 @@
 """knn against float32 brute force (patchcore_fast.reference), on CPU and CUDA."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -12,26 +11,9 @@ import patchcore_fast
 from patchcore_fast.knn import CUDA_KERNELS
 from patchcore_fast.reference import knn_reference
 
-from conftest import DEVICES, clustered_rows, integer_rows, kernel_params, use_kernel
+from conftest import DEVICES, clustered_rows, integer_rows, kernel_fixtures
 
-KNN_KERNELS = kernel_params() + [f"cuda:{k}" for k in CUDA_KERNELS if "cuda" in DEVICES]
-
-
-@pytest.fixture(params=KNN_KERNELS)
-def kernel(request, monkeypatch):
-    """Each CPU instruction-set path this CPU runs, and each CUDA warp layout when a GPU is present."""
-    return use_kernel(request.param, monkeypatch)
-
-
-@pytest.fixture
-def device(kernel):
-    return kernel[0]
-
-
-@pytest.fixture
-def search(kernel):
-    """knn with the CUDA warp layout the parameter names (explicitly, not a module switch)."""
-    return functools.partial(patchcore_fast.knn, **kernel[1])
+kernel, device, search = kernel_fixtures(patchcore_fast.knn, CUDA_KERNELS, "search")
 
 
 @pytest.mark.parametrize("k", [1, 2, 9, 16])

@@ -4,40 +4,40 @@
 // Included only inside an anonymous namespace (kernel_table.inl, which includes the system
 // headers first), so each instruction set keeps its own copy.
 
+#if defined(PATCHCORE_ISA_AVX512) || defined(PATCHCORE_ISA_AVX2)
+// The same operations at two widths: PATCHCORE_MM(op) names the intrinsic of this width.
 #if defined(PATCHCORE_ISA_AVX512)
 constexpr int kLanes = 16;
-struct Vec { __m512 v; };
-inline Vec vzero() { return {_mm512_setzero_ps()}; }
-inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
-inline Vec vset1(float x) { return {_mm512_set1_ps(x)}; }
-inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline Vec vsub(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
-inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
-inline Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
-inline Vec vfmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+using Native = __m512;
+#define PATCHCORE_MM(op) _mm512_##op
+#else
+constexpr int kLanes = 8;
+using Native = __m256;
+#define PATCHCORE_MM(op) _mm256_##op
+#endif
+struct Vec { Native v; };
+inline Vec vzero() { return {PATCHCORE_MM(setzero_ps)()}; }
+inline Vec vload(const float* p) { return {PATCHCORE_MM(loadu_ps)(p)}; }
+inline void vstore(float* p, Vec a) { PATCHCORE_MM(storeu_ps)(p, a.v); }
+inline Vec vset1(float x) { return {PATCHCORE_MM(set1_ps)(x)}; }
+inline Vec vadd(Vec a, Vec b) { return {PATCHCORE_MM(add_ps)(a.v, b.v)}; }
+inline Vec vsub(Vec a, Vec b) { return {PATCHCORE_MM(sub_ps)(a.v, b.v)}; }
+inline Vec vmul(Vec a, Vec b) { return {PATCHCORE_MM(mul_ps)(a.v, b.v)}; }
+inline Vec vmax(Vec a, Vec b) { return {PATCHCORE_MM(max_ps)(a.v, b.v)}; }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return {PATCHCORE_MM(fmadd_ps)(a.v, b.v, c.v)}; }
 // Bit l set where !(a[l] >= b[l]) (NaN included) / where a[l] < b[l].
+#if defined(PATCHCORE_ISA_AVX512)
 inline unsigned vmask_not_ge(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_NGE_UQ); }
 inline unsigned vmask_lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
-
-#elif defined(PATCHCORE_ISA_AVX2)
-constexpr int kLanes = 8;
-struct Vec { __m256 v; };
-inline Vec vzero() { return {_mm256_setzero_ps()}; }
-inline Vec vload(const float* p) { return {_mm256_loadu_ps(p)}; }
-inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
-inline Vec vset1(float x) { return {_mm256_set1_ps(x)}; }
-inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
-inline Vec vsub(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
-inline Vec vmul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
-inline Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
-inline Vec vfmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+#else
 inline unsigned vmask_not_ge(Vec a, Vec b) {
   return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_NGE_UQ)));
 }
 inline unsigned vmask_lt(Vec a, Vec b) {
   return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)));
 }
+#endif
+#undef PATCHCORE_MM
 
 #else
 // GCC/Clang vector extensions: 4 floats in one SSE2 or NEON register on any target.
