@@ -21,15 +21,27 @@ def cache_dir() -> Path:
 
 def tire_features() -> torch.Tensor | None:
     """[164640, 1024] float32 features of tire/train/good, or None where the data is absent."""
-    path = cache_dir() / "tire_train_efficientnet_lite0_center_crop.pt"
+    return _cached("tire_train_efficientnet_lite0_center_crop.pt", [TIRE_TRAIN])
+
+
+def tire_test_features() -> torch.Tensor | None:
+    """[87808, 1024] float32 features of every tire/test image (112 x 784 patches), as `evaluate`
+    searches them, or None where the data is absent."""
+    test = TIRE_TRAIN.parent.parent / "test"
+    folders = sorted(p for p in test.iterdir() if p.is_dir()) if test.is_dir() else []
+    return _cached("tire_test_efficientnet_lite0_center_crop.pt", folders)
+
+
+def _cached(name: str, folders: list[Path]) -> torch.Tensor | None:
+    path = cache_dir() / name
     if path.exists():
         return torch.load(path)
-    if not TIRE_TRAIN.is_dir():
+    if not folders or not all(f.is_dir() for f in folders):
         return None
     from patchcore_fast import PatchCore
 
     model = PatchCore(backbone="efficientnet_lite0", framing="center_crop", device="cpu", progress=False)
-    features = model.extract(TIRE_TRAIN).reshape(-1, model.config.embed_dim).contiguous()
+    features = torch.cat([model.extract(f).reshape(-1, model.config.embed_dim) for f in folders]).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(features, tmp)

@@ -103,6 +103,27 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   return raise_if_stopped(patchcore::knn_cpu(queries, bank, k, python_progress(progress)));
 }
 
+std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+                                                       const at::Tensor& basis, const at::Tensor& bank_screen,
+                                                       double basis_rounding, const py::object& progress) {
+  TORCH_CHECK_VALUE(queries.is_cpu() && bank.is_cpu() && basis.is_cpu() && bank_screen.is_cpu(),
+                    "knn_pruned: CPU tensors only");
+  TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
+                    "knn_pruned: queries [Q, D] and bank [M, D] must be 2-D with the same D");
+  TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(0) >= 1 && basis.size(1) == bank.size(1),
+                    "knn_pruned: basis must be [rank, D]");
+  TORCH_CHECK_VALUE(bank_screen.dim() == 2 && bank_screen.size(0) == bank.size(0) &&
+                        bank_screen.size(1) == basis.size(0) + 2,
+                    "knn_pruned: bank_screen must be [M, rank + 2]");
+  TORCH_CHECK_VALUE(queries.scalar_type() == at::kFloat && bank.scalar_type() == at::kFloat &&
+                        basis.scalar_type() == at::kFloat && bank_screen.scalar_type() == at::kFloat,
+                    "knn_pruned: tensors must be float32");
+  TORCH_CHECK_VALUE(k >= 1 && k <= bank.size(0), "knn_pruned: k must be in [1, M]");
+  TORCH_CHECK_VALUE(basis_rounding >= 0 && basis_rounding < 1e-3, "knn_pruned: basis_rounding out of range");
+  return raise_if_stopped(
+      patchcore::knn_pruned_cpu(queries, bank, k, basis, bank_screen, basis_rounding, python_progress(progress)));
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef PATCHCORE_WITH_CUDA
@@ -144,5 +165,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cuda_kernel") = "warp16x128", py::arg("progress") = py::none(),
         "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn). On the CPU, progress(queries_done) "
         "is called at most 5 times a second and Ctrl-C stops the search.");
+  m.def("knn_pruned", &knn_pruned, py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("basis"),
+        py::arg("bank_screen"), py::arg("basis_rounding"), py::arg("progress") = py::none(),
+        "Exact top-k as knn on the CPU, skipping bank rows a bound rules out (see patchcore_fast.search_index). "
+        "Returns (distances, indices, exact distances computed).");
   m.def("build_info", &build_info, "How this extension was built");
 }

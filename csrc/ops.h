@@ -27,6 +27,14 @@ at::Tensor greedy_coreset_cpu(const at::Tensor& features, const at::Tensor& init
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                                            const Progress& progress = {});
 
+// Exact top-k as knn_cpu, float for float, skipping the bank rows a rigorous bound rules out
+// (patchcore_fast/search_index.py builds `basis` [rank, D] and `bank_screen` [M, rank + 2];
+// basis_rounding = ||basis - its float64 original||_F). Returns (distances, indices, exact
+// query-row distances computed, out of Q x M for brute force).
+std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+                                                           const at::Tensor& basis, const at::Tensor& bank_screen,
+                                                           double basis_rounding, const Progress& progress = {});
+
 #ifdef PATCHCORE_WITH_CUDA
 // The two CUDA coreset kernels (same picks; see csrc/cuda/greedy_coreset_cuda.cuh).
 enum class CoresetKernel { kCached, kResident };

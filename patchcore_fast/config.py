@@ -35,6 +35,7 @@ class PatchCoreConfig:
     seed: int = 0                 # coreset projection and start
     coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL
     knn_cuda_kernel: str = DEFAULT_KNN_KERNEL
+    pruned_search: bool = True    # build a SearchIndex at fit time; used on the CPU where it pays
 
     def __post_init__(self):
         ratio = self.coreset_ratio
@@ -52,6 +53,8 @@ class PatchCoreConfig:
             raise ValueError(f"need image_size <= resize, got image_size={self.image_size}, resize={self.resize}")
         if self.coreset_cuda_kernel not in CORESET_CUDA_KERNELS:
             raise ValueError(f"coreset_cuda_kernel must be one of {CORESET_CUDA_KERNELS}, got {self.coreset_cuda_kernel!r}")
+        if not isinstance(self.pruned_search, bool):
+            raise ValueError(f"pruned_search must be True or False, got {self.pruned_search!r}")
         if self.knn_cuda_kernel not in KNN_CUDA_KERNELS:
             raise ValueError(f"knn_cuda_kernel must be one of {KNN_CUDA_KERNELS}, got {self.knn_cuda_kernel!r}")
 

@@ -20,7 +20,7 @@ METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro
 #: The threshold: this quantile of the validation/good images' scores where the category has them,
 #: else the highest leave-one-out score of the training images (MemoryBank.normal_scores).
 CALIBRATION_QUANTILE = 0.99
-STAGES = ("features", "coreset", "scale", "search", "maps", "metrics")
+STAGES = ("features", "coreset", "index", "scale", "search", "maps", "metrics")
 
 
 def method_name(ratio: float) -> str:
@@ -64,7 +64,7 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
         results.append(row)
         timings.append({"method": row["method"], "category": category,
                         "features": feature_seconds if n == 0 else 0.0, "coreset": model.timings["coreset"],
-                        "scale": model.timings["scale"],
+                        "index": model.timings["index"], "scale": model.timings["scale"],
                         "search": model.timings["search"], "maps": model.timings["maps"], "metrics": metric_seconds})
         if out_dir is not None and n == 0:
             write_overlays(out_dir / "overlays" / category, model, data, pred, masks)

@@ -20,6 +20,7 @@ from . import __version__
 from .backbones import BackboneSpec
 from .config import PatchCoreConfig
 from .knn import knn
+from .search_index import SearchIndex
 
 #: Version 2: one "config" object (PatchCoreConfig). Version 1 ("settings" + "backbone", no
 #: half_precision) is still read.
@@ -38,12 +39,16 @@ class MemoryBank:
     #: Decision threshold on image scores (PatchCore.calibrate), and how it was chosen.
     threshold: float | None = None
     threshold_source: str | None = None
+    #: Pruned exact search over `features` (fit on the CPU with config.pruned_search), or None.
+    index: SearchIndex | None = None
 
     def __post_init__(self):
         if self.features.dim() != 2 or self.features.shape[1] != self.config.embed_dim:
             raise ValueError(f"memory bank must be [M, {self.config.embed_dim}], got {tuple(self.features.shape)}")
         if len(self.grid) != 2 or min(self.grid) < 1:
             raise ValueError(f"grid must be (rows, cols), got {self.grid!r}")
+        if self.index is not None and not self.index.matches(self.features):
+            raise ValueError("the search index was built for another memory bank")
 
     def __len__(self) -> int:
         return len(self.features)
@@ -64,7 +69,10 @@ class MemoryBank:
         return 0.0, float(self.normal_scores.max())
 
     def search(self, queries: torch.Tensor, k: int):
-        """(squared distances [Q, k], indices [Q, k]) of each query's k nearest bank entries."""
+        """(squared distances [Q, k], indices [Q, k]) of each query's k nearest bank entries: the
+        index's pruned search on the CPU where it pays (the same results), else `knn`."""
+        if self.index is not None and queries.device.type == "cpu" and self.features.device.type == "cpu":
+            return self.index.search(queries, self.features, k)
         return knn(queries, self.features, k, cuda_kernel=self.config.knn_cuda_kernel)
 
     def save(self, path) -> None:
@@ -73,13 +81,16 @@ class MemoryBank:
 
         path = Path(path)
         meta = {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "config": self.config.to_dict(),
-                "grid": list(self.grid), "threshold": self.threshold, "threshold_source": self.threshold_source}
+                "grid": list(self.grid), "threshold": self.threshold, "threshold_source": self.threshold_source,
+                "search_index": self.index.metadata() if self.index is not None else None}
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
         os.close(fd)
         try:
             tensors = {"memory_bank": self.features.float().cpu().contiguous()}
             if self.normal_scores is not None:
                 tensors["normal_scores"] = self.normal_scores.float().cpu().contiguous()
+            if self.index is not None:
+                tensors.update(self.index.tensors())
             save_file(tensors, tmp, metadata={"patchcore_fast": json.dumps(meta)})
             os.replace(tmp, path)
         except BaseException:
@@ -99,6 +110,7 @@ class MemoryBank:
                 meta = json.loads((f.metadata() or {})["patchcore_fast"])
                 features = f.get_tensor("memory_bank")
                 normal = f.get_tensor("normal_scores") if "normal_scores" in f.keys() else None
+                index_tensors = {name: f.get_tensor(name) for name in f.keys() if name.startswith("search_")}
         except Exception as error:
             raise ValueError(f"{path} is not a readable patchcore_fast model ({type(error).__name__}: {error})") from error
         version = meta.get("format_version")
@@ -112,6 +124,8 @@ class MemoryBank:
                                          **meta["settings"])
             else:
                 config = PatchCoreConfig.from_dict(meta["config"])
-            return cls(features, tuple(meta["grid"]), config, normal, meta.get("threshold"), meta.get("threshold_source"))
+            index = SearchIndex.restore(index_tensors, meta["search_index"]) if meta.get("search_index") else None
+            return cls(features, tuple(meta["grid"]), config, normal, meta.get("threshold"), meta.get("threshold_source"),
+                       index)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path} has inconsistent model metadata: {error}") from error

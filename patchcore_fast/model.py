@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .embedding import patch_embedding
 from .errors import UserError
 from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
 from .memory_bank import FORMAT_VERSION, MemoryBank  # noqa: F401  (FORMAT_VERSION: the file format written)
+from .search_index import PROBES, SearchIndex
 
 
 @dataclass
@@ -122,7 +124,7 @@ class PatchCore:
 
     def with_settings(self, **changes) -> "PatchCore":
         """An unfitted model with some scoring settings changed (coreset_ratio, projection_dim,
-        num_neighbors, reweight, reweight_neighbors, seed, the CUDA kernels), sharing this one's
+        num_neighbors, reweight, reweight_neighbors, seed, pruned_search, the CUDA kernels), sharing this one's
         backbone. Settings that change the features need a new model."""
         feature_fields = {"backbone", "framing", "image_size", "resize", "embed_dim", "half_precision"}
         if feature_fields & set(changes):
@@ -210,11 +212,25 @@ class PatchCore:
                                    cuda_kernel=c.coreset_cuda_kernel, progress=lambda done: bar.update(done - bar.n))
             bar.update(size - bar.n)
         bank = MemoryBank(features[picks].contiguous(), self.grid, c)
+        if c.pruned_search and bank.features.device.type == "cpu":
+            with self._timed("index"):
+                bank = dataclasses.replace(bank, index=SearchIndex.build(bank.features, self._probes(features, picks)))
         if per_image is not None:
             with self._timed("scale"):
-                bank = MemoryBank(bank.features, bank.grid, c, self._normal_scores(per_image, picks, bank))
+                bank = dataclasses.replace(bank, normal_scores=self._normal_scores(per_image, picks, bank))
         self.bank = bank
         return self
+
+    def _probes(self, features: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+        """Training patches the coreset left out, a seeded sample: queries like the ones to come, on
+        which the search index measures whether pruning pays."""
+        left_out = torch.ones(len(features), dtype=torch.bool, device=features.device)
+        left_out[picks] = False
+        rows = left_out.nonzero().flatten()
+        if len(rows) == 0:
+            return features
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.config.seed))[:PROBES]
+        return features[rows[order.to(rows.device)]]
 
     #: Training images scored without their own patches to set the heat maps' colour scale.
     NORMAL_SAMPLE = 8

@@ -49,6 +49,28 @@ struct KnnBlock {
   int64_t* out_index;         // [Q, k], pre-filled with -1
 };
 
+// Exact top-k as KnnBlock, skipping bank rows a rigorous bound rules out (search_bound.h).
+// Queries go in blocks of panel_width, taken in `order` (neighbours together, so the rows
+// their bounds leave are mostly the same); per block and bank chunk: the screen in
+// screen_dim dimensions, exact distances to each query's best-screened rows (thresholds),
+// then exact distances to every row that survives some query's cut.
+struct PrunedKnn {
+  const float* queries;         // [Q, dim]
+  const float* query_norm_sq;   // [Q] float32, as knn computes it
+  const float* query_screen;    // [Q, screen_dim]: Y_q, R_q, 1
+  const double* query_norm64;   // [Q] N_q
+  const double* query_margin;   // [Q] margin(q)
+  const int64_t* order;         // [Q] the order queries are taken in
+  const float* bank;            // [M, dim]
+  const float* bank_norm_sq;    // [M] float32, as knn computes it
+  const float* bank_screen;     // [M, screen_dim]: Y_b, R_b, H_b
+  int64_t dim, screen_dim, num_queries, num_bank, k;
+  int64_t chunk_rows;           // bank rows screened at once (bounds the scratch memory)
+  float* out_distance;          // [Q, k]
+  int64_t* out_index;           // [Q, k]
+  int64_t* exact_rows;          // [blocks]: bank rows computed exactly for each block
+};
+
 struct Kernels {
   const char* name;           // "generic", "avx2" or "avx512"
   int panel_width;            // centres or bank rows per packed panel
@@ -58,6 +80,11 @@ struct Kernels {
   float (*exact_distance)(const float* a, const float* b, int64_t dim);
   void (*coreset_pass)(const CoresetPass& pass, int64_t lo, int64_t hi, TopRows& top);
   void (*knn)(const KnnBlock& block, int64_t q_lo, int64_t q_hi);
+  // out[i * out_stride + j] = rows_i . panel row j for rows i in [lo, hi), j < panels * panel_width
+  // (packed panels as for knn; each dot product one sequential sum).
+  void (*project)(const float* rows, int64_t dim, int64_t lo, int64_t hi, const float* packed, int64_t panels,
+                  float* out, int64_t out_stride);
+  void (*knn_pruned)(const PrunedKnn& search, int64_t block_lo, int64_t block_hi);
 };
 
 extern const Kernels kGenericKernels;

@@ -14,11 +14,11 @@
 
 #include "cpu_dispatch.h"
 #include "ops.h"
+#include "row_norms.h"
 
 namespace patchcore {
-namespace {
+namespace cpu {
 
-// Squared norm of every row, summed in row order.
 void row_squared_norms(const float* x, int64_t rows, int64_t dim, float* out) {
   at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
@@ -29,7 +29,7 @@ void row_squared_norms(const float* x, int64_t rows, int64_t dim, float* out) {
   });
 }
 
-}  // namespace
+}  // namespace cpu
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in, const at::Tensor& bank_in, int64_t k,
                                            const Progress& progress) {
@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in, const a
         for (int64_t j = 0; j < dim; ++j) dst[j * width] = src[j];
       }
   });
-  row_squared_norms(b, num_bank, dim, bank_norms.data_ptr<float>());
-  row_squared_norms(queries.data_ptr<float>(), num_queries, dim, query_norms.data_ptr<float>());
+  cpu::row_squared_norms(b, num_bank, dim, bank_norms.data_ptr<float>());
+  cpu::row_squared_norms(queries.data_ptr<float>(), num_queries, dim, query_norms.data_ptr<float>());
 
   const cpu::KnnBlock block{queries.data_ptr<float>(), query_norms.data_ptr<float>(), p, bank_norms.data_ptr<float>(),
                             dim, num_bank, k, out_dist.data_ptr<float>(), out_index.data_ptr<int64_t>()};

@@ -19,8 +19,12 @@ constexpr int kPanelVecs = 2;
 #endif
 constexpr int kPanel = kPanelVecs * kLanes;
 
-// out[r * kPanel + j] = a_r . panel_j for r < kRows, j < kPanel.
-inline void dot_tile(const float* a, int64_t a_stride, const float* panel, int64_t dim, float* out) {
+// out[r * kPanel + j] = row(r) . panel_j for r < kRows, j < kPanel, where row(r) points at
+// the r-th row of A (rows in place, or gathered from anywhere).
+template <class RowPointer>
+inline void dot_tile_rows(RowPointer row, const float* panel, int64_t dim, float* out) {
+  const float* a[kRows];
+  for (int r = 0; r < kRows; ++r) a[r] = row(r);
   Vec acc[kRows][kPanelVecs];
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vzero();
@@ -28,12 +32,17 @@ inline void dot_tile(const float* a, int64_t a_stride, const float* panel, int64
     Vec b[kPanelVecs];
     for (int v = 0; v < kPanelVecs; ++v) b[v] = vload(panel + k * kPanel + v * kLanes);
     for (int r = 0; r < kRows; ++r) {
-      const Vec ar = vset1(a[r * a_stride + k]);
+      const Vec ar = vset1(a[r][k]);
       for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vfmadd(ar, b[v], acc[r][v]);
     }
   }
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < kPanelVecs; ++v) vstore(out + r * kPanel + v * kLanes, acc[r][v]);
+}
+
+// The same for kRows rows stored a_stride floats apart from a.
+inline void dot_tile(const float* a, int64_t a_stride, const float* panel, int64_t dim, float* out) {
+  dot_tile_rows([&](int r) { return a + r * a_stride; }, panel, dim, out);
 }
 
 // Runs `body(a, a_stride, first_row, count)` over [lo, hi) in groups of kRows rows; the last,

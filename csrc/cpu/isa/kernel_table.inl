@@ -10,6 +10,7 @@
 
 #include "../coreset_screen.h"
 #include "../cpu_kernels.h"
+#include "../search_bound.h"
 
 namespace patchcore::cpu {
 namespace {
@@ -17,8 +18,9 @@ namespace {
 #include "dot_tile.h"
 #include "coreset_pass.h"
 #include "knn_block.h"
+#include "knn_pruned.h"
 }  // namespace
 
-const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &coreset_pass, &knn};
+const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &coreset_pass, &knn, &project, &knn_pruned};
 
 }  // namespace patchcore::cpu

@@ -25,16 +25,20 @@ inline Vec vsub(Vec a, Vec b) { return {PATCHCORE_MM(sub_ps)(a.v, b.v)}; }
 inline Vec vmul(Vec a, Vec b) { return {PATCHCORE_MM(mul_ps)(a.v, b.v)}; }
 inline Vec vmax(Vec a, Vec b) { return {PATCHCORE_MM(max_ps)(a.v, b.v)}; }
 inline Vec vfmadd(Vec a, Vec b, Vec c) { return {PATCHCORE_MM(fmadd_ps)(a.v, b.v, c.v)}; }
-// Bit l set where !(a[l] >= b[l]) (NaN included) / where a[l] < b[l].
+// Bit l set where !(a[l] >= b[l]) (NaN included) / where a[l] < b[l] / where a[l] <= b[l].
 #if defined(PATCHCORE_ISA_AVX512)
 inline unsigned vmask_not_ge(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_NGE_UQ); }
 inline unsigned vmask_lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+inline unsigned vmask_le(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LE_OQ); }
 #else
 inline unsigned vmask_not_ge(Vec a, Vec b) {
   return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_NGE_UQ)));
 }
 inline unsigned vmask_lt(Vec a, Vec b) {
   return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)));
+}
+inline unsigned vmask_le(Vec a, Vec b) {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LE_OQ)));
 }
 #endif
 #undef PATCHCORE_MM
@@ -59,4 +63,5 @@ inline unsigned lane_bits(decltype(Float4{} < Float4{}) m) {
 }
 inline unsigned vmask_not_ge(Vec a, Vec b) { return lane_bits(~(a.v >= b.v)); }
 inline unsigned vmask_lt(Vec a, Vec b) { return lane_bits(a.v < b.v); }
+inline unsigned vmask_le(Vec a, Vec b) { return lane_bits(a.v <= b.v); }
 #endif

@@ -1,0 +1,163 @@
+// Exact top-k squared-L2 search that skips most of the bank: the CPU side of
+// patchcore_fast.SearchIndex.
+//
+// The index (built in Python at fit time) holds `rank` principal directions of the bank and,
+// per bank row, its screen vector (Y_b, R_b, H_b); see search_bound.h for the bound and its
+// rounding margin. Here: each query's screen vector (its projection by the kernels' own
+// dot products, an upper bound on its residual norm, 1) and margin, an order that puts
+// similar queries in the same block, and the blocks through the instruction-set kernel
+// (isa/knn_pruned.h). Results are knn_cpu's, float for float.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include "cpu_dispatch.h"
+#include "ops.h"
+#include "row_norms.h"
+#include "search_bound.h"
+
+namespace patchcore {
+namespace {
+
+// Reorders idx[lo, hi) so that every run of `leaf` positions (from a multiple of leaf) holds
+// queries close in the projected space: halves split at the median of the widest coordinate,
+// left halves a multiple of leaf long (a k-d tree's leaf order). Ranges reaching `defer_depth`
+// are handed back in `deferred` to be ordered in parallel.
+void neighbourhood_order(const float* y, int64_t stride, int64_t dims, int64_t* idx, int64_t lo, int64_t hi,
+                         int64_t leaf, int depth, int defer_depth, std::vector<std::pair<int64_t, int64_t>>* deferred) {
+  const int64_t size = hi - lo;
+  if (size <= leaf) return;
+  if (deferred != nullptr && depth == defer_depth) {
+    deferred->emplace_back(lo, hi);
+    return;
+  }
+  std::vector<float> low(dims, std::numeric_limits<float>::infinity());
+  std::vector<float> high(dims, -std::numeric_limits<float>::infinity());
+  for (int64_t i = lo; i < hi; ++i)
+    for (int64_t j = 0; j < dims; ++j) {
+      const float v = y[idx[i] * stride + j];
+      low[j] = std::min(low[j], v);
+      high[j] = std::max(high[j], v);
+    }
+  int64_t widest = 0;
+  for (int64_t j = 1; j < dims; ++j)
+    if (high[j] - low[j] > high[widest] - low[widest]) widest = j;
+  const int64_t half = (size / 2 + leaf - 1) / leaf * leaf;
+  std::nth_element(idx + lo, idx + lo + half, idx + hi, [&](int64_t a, int64_t b) {
+    const float va = y[a * stride + widest], vb = y[b * stride + widest];
+    return va < vb || (va == vb && a < b);
+  });
+  neighbourhood_order(y, stride, dims, idx, lo, lo + half, leaf, depth + 1, defer_depth, deferred);
+  neighbourhood_order(y, stride, dims, idx, lo + half, hi, leaf, depth + 1, defer_depth, deferred);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& queries_in, const at::Tensor& bank_in,
+                                                           int64_t k, const at::Tensor& basis_in,
+                                                           const at::Tensor& bank_screen_in, double basis_rounding,
+                                                           const Progress& progress) {
+  const cpu::Kernels& kernels = cpu::kernels();
+  const at::Tensor queries = queries_in.contiguous();
+  const at::Tensor bank = bank_in.contiguous();
+  const at::Tensor basis = basis_in.contiguous();
+  const at::Tensor bank_screen = bank_screen_in.contiguous();
+  const int64_t num_queries = queries.size(0), num_bank = bank.size(0), dim = queries.size(1);
+  const int64_t rank = basis.size(0), screen_dim = rank + 2, width = kernels.panel_width;
+  const double c = cpu::search_bound::projection_error(basis_rounding, rank, dim);
+
+  at::Tensor out_dist = at::full({num_queries, k}, std::numeric_limits<float>::infinity(), queries.options());
+  at::Tensor out_index = at::full({num_queries, k}, -1, queries.options().dtype(at::kLong));
+  if (num_queries == 0) return {out_dist, out_index, 0};
+
+  const auto f32 = queries.options();
+  const auto f64 = queries.options().dtype(at::kDouble);
+  at::Tensor query_norms = at::empty({num_queries}, f32), bank_norms = at::empty({num_bank}, f32);
+  cpu::row_squared_norms(queries.data_ptr<float>(), num_queries, dim, query_norms.data_ptr<float>());
+  cpu::row_squared_norms(bank.data_ptr<float>(), num_bank, dim, bank_norms.data_ptr<float>());
+  // B >= every |b|: the largest float32 norm, widened by its own rounding bound.
+  const float largest = num_bank ? *std::max_element(bank_norms.data_ptr<float>(), bank_norms.data_ptr<float>() + num_bank) : 0.f;
+  const double bank_norm_max =
+      std::sqrt(static_cast<double>(largest) * (1 + 2 * cpu::search_bound::gamma(static_cast<double>(dim)))) * 1.000001;
+
+  // Y_q = P32 q by the kernels' sequential dot products (the bound's g(dim) per element).
+  const int64_t panels = (rank + width - 1) / width, proj_stride = panels * width;
+  at::Tensor packed = at::zeros({panels * dim * width}, f32);
+  float* p = packed.data_ptr<float>();
+  const float* basis_data = basis.data_ptr<float>();
+  for (int64_t row = 0; row < rank; ++row)
+    for (int64_t j = 0; j < dim; ++j) p[(row / width) * dim * width + j * width + row % width] = basis_data[row * dim + j];
+  at::Tensor projected = at::empty({num_queries, proj_stride}, f32);
+  float* y = projected.data_ptr<float>();
+  const float* q = queries.data_ptr<float>();
+  at::parallel_for(0, num_queries, 64, [&](int64_t lo, int64_t hi) { kernels.project(q, dim, lo, hi, p, panels, y, proj_stride); });
+
+  at::Tensor screen = at::empty({num_queries, screen_dim}, f32);
+  at::Tensor norm64 = at::empty({num_queries}, f64), margin = at::empty({num_queries}, f64);
+  float* sc = screen.data_ptr<float>();
+  double* n64 = norm64.data_ptr<double>();
+  double* mg = margin.data_ptr<double>();
+  at::parallel_for(0, num_queries, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      double norm_sq = 0, projected_sq = 0;  // float products are exact in double
+      for (int64_t j = 0; j < dim; ++j) norm_sq += static_cast<double>(q[i * dim + j]) * q[i * dim + j];
+      for (int64_t j = 0; j < rank; ++j) {
+        sc[i * screen_dim + j] = y[i * proj_stride + j];
+        projected_sq += static_cast<double>(y[i * proj_stride + j]) * y[i * proj_stride + j];
+      }
+      sc[i * screen_dim + rank] =
+          cpu::search_bound::round_up(cpu::search_bound::residual_upper(norm_sq, std::sqrt(projected_sq), c));
+      sc[i * screen_dim + rank + 1] = 1.f;
+      n64[i] = norm_sq;
+      mg[i] = cpu::search_bound::margin(std::sqrt(norm_sq), bank_norm_max, c, rank, dim);
+    }
+  });
+
+  std::vector<int64_t> order(num_queries);
+  std::iota(order.begin(), order.end(), 0);
+  std::vector<std::pair<int64_t, int64_t>> subtrees;
+  neighbourhood_order(y, proj_stride, rank, order.data(), 0, num_queries, width, 0, 4, &subtrees);
+  at::parallel_for(0, static_cast<int64_t>(subtrees.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t)
+      neighbourhood_order(y, proj_stride, rank, order.data(), subtrees[t].first, subtrees[t].second, width, 0, 0,
+                          nullptr);
+  });
+
+  const int64_t blocks = (num_queries + width - 1) / width;
+  std::vector<int64_t> exact_rows(blocks, 0);
+  const cpu::PrunedKnn search{q,
+                              query_norms.data_ptr<float>(),
+                              sc,
+                              n64,
+                              mg,
+                              order.data(),
+                              bank.data_ptr<float>(),
+                              bank_norms.data_ptr<float>(),
+                              bank_screen.data_ptr<float>(),
+                              dim,
+                              screen_dim,
+                              num_queries,
+                              num_bank,
+                              k,
+                              std::min<int64_t>(num_bank, 1 << 15),
+                              out_dist.data_ptr<float>(),
+                              out_index.data_ptr<int64_t>(),
+                              exact_rows.data()};
+  // Slabs between progress reports: as many blocks as brute force would search in ~2^35 multiply-adds.
+  const int64_t slab = std::max<int64_t>(8, (int64_t{1} << 35) / std::max<int64_t>(num_bank * dim, 1) / width);
+  for (int64_t b0 = 0; b0 < blocks; b0 += slab) {
+    const int64_t b1 = std::min(blocks, b0 + slab);
+    at::parallel_for(b0, b1, 1, [&](int64_t lo, int64_t hi) { kernels.knn_pruned(search, lo, hi); });
+    if (progress && !progress(std::min(num_queries, b1 * width))) break;
+  }
+  // Distances computed: every exact row against a whole block's panel.
+  return {out_dist, out_index, std::accumulate(exact_rows.begin(), exact_rows.end(), int64_t{0}) * width};
+}
+
+}  // namespace patchcore

@@ -1,0 +1,79 @@
+// The rule that lets the pruned search (knn_pruned_cpu.cpp) skip bank rows and still return
+// exactly what `knn` returns. Plain C++ in double precision, used by the driver only.
+//
+// Notation: q a query, b a bank row (float32 vectors of `dim` values), N_q = |q|^2 and
+// N_b = |b|^2 (exact reals), P the index's `rank` orthonormal directions (float64 rows P64;
+// the kernels use their float32 rounding P32), u = 2^-24, g(n) = n u / (1 - n u).
+//
+// 1. What knn computes. knn returns d(q, b) = max(0, fl(fl(n_q + n_b) - 2 s)) with n_q, n_b, s
+//    float32 sums of `dim` products, each off by at most g(dim) times the sum of its terms'
+//    magnitudes (any summation order, fused or not), and |q.b| <= |q||b|. With the two
+//    roundings that combine them, |d - |q - b|^2| <= g(dim + 3) (|q| + |b|)^2 + underflow.
+// 2. The bound. With y = P x and rho = |x - P^T P x| (the part outside the directions),
+//    q.b = y_q.y_b + (residual parts) <= y_q.y_b + rho_q rho_b (Cauchy-Schwarz), so
+//    |q - b|^2 >= N_q + N_b - 2 (y_q.y_b + rho_q rho_b).
+// 3. What the screen computes. Bank rows carry Y_b = fl32(y_b) (|Y_b - y_b| <= u |b|, from
+//    float64), R_b >= rho_b (float64, rounded up) and H_b = fl32(-N_b / 2); queries carry
+//    Y_q = the float32 kernel projection with P32, |Y_q - y_q| <= c |q| where
+//    c = ||P32 - P64||_F + sqrt(rank) g(dim) (+ float64 slack), and R_q >= rho_q taken from
+//    rho_q^2 = N_q - |y_q|^2 <= N_q - max(0, |Y_q| - c |q|)^2. Then
+//      y_q.y_b <= Y_q.Y_b + (1.01 c + 1.02 u) |q||b|
+//    and the screen's float32 dot product t = fl(Y_q.Y_b + R_q R_b + H_b) over rank + 2 terms
+//    is off by at most g(rank + 2) (1.01 |q||b| + 0.51 N_b) (Cauchy-Schwarz on the extended
+//    vectors, whose norms exceed |q|, |b| by under 1 % while c < 1e-3), H_b by u N_b / 2.
+// Together, with B >= every |b|:  knn's d(q, b) >= N_q - 2 t - margin(q), where
+//    margin(q) = 2 g(rank + 2) (1.01 |q| B + 0.51 B^2) + u B^2 + 2 (1.01 c + 1.02 u) |q| B
+//              + g(dim + 3) (|q| + B)^2 + underflow,
+// all multiplied by 1.01 for the double arithmetic that evaluates it. A row whose d exceeds the
+// query's current k-th distance `thr` can never enter its list, so the search may skip b when
+//    t < cut(q) = (N_q - thr - margin(q)) / 2     (rounded down to float32).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace patchcore::cpu::search_bound {
+
+// static: every file that includes this gets its own copy (see cpu_kernels.h).
+constexpr double kUnitRoundoff = 1.0 / (1 << 24);
+constexpr double kUnderflowPerTerm = 8.0 * 1.4012984643e-45;  // 8 x 2^-149 per product
+
+static inline double gamma(double n) { return n * kUnitRoundoff / (1.0 - n * kUnitRoundoff); }
+
+// c: the float32 projection's error per unit of |q|, given ||P32 - P64||_F.
+static inline double projection_error(double basis_rounding, int64_t rank, int64_t dim) {
+  return basis_rounding + std::sqrt(static_cast<double>(rank)) * gamma(static_cast<double>(dim)) + 1e-12;
+}
+
+// margin(q) above, for |q| = query_norm and every |b| <= bank_norm_max.
+static inline double margin(double query_norm, double bank_norm_max, double c, int64_t rank, int64_t dim) {
+  const double q = query_norm, b = bank_norm_max, u = kUnitRoundoff;
+  const double m = 2 * gamma(static_cast<double>(rank + 2)) * (1.01 * q * b + 0.51 * b * b) + u * b * b +
+                   2 * (1.01 * c + 1.02 * u) * q * b + gamma(static_cast<double>(dim + 3)) * (q + b) * (q + b) +
+                   static_cast<double>(dim + rank + 8) * kUnderflowPerTerm;
+  return 1.01 * m;
+}
+
+// R_q: an upper bound on the query's residual norm rho_q, from N_q (exact), |Y_q| and c.
+static inline double residual_upper(double norm_sq, double projected_norm, double c) {
+  const double inside = std::fmax(0.0, projected_norm - c * std::sqrt(norm_sq));
+  return std::sqrt(std::fmax(0.0, norm_sq - inside * inside)) * (1.0 + 1e-9);
+}
+
+// cut(q) as a float32 no larger than the real value (so the screen keeps every row it must).
+// Also compiled into the instruction-set kernels, so builtins only (no shared library templates).
+static inline float cut(double norm_sq, float threshold, double margin) {
+  if (!__builtin_isfinite(threshold)) return -__builtin_inff();
+  const double value = 0.5 * (norm_sq - static_cast<double>(threshold) - margin) - 1e-12 * (norm_sq + margin);
+  float f = static_cast<float>(value);
+  if (static_cast<double>(f) > value) f = __builtin_nextafterf(f, -__builtin_inff());
+  return f;
+}
+
+// float32 x rounded up (never below the double value).
+static inline float round_up(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) < x) f = std::nextafter(f, INFINITY);
+  return f;
+}
+
+}  // namespace patchcore::cpu::search_bound

@@ -1,0 +1,136 @@
+"""SearchIndex: exact nearest-bank search that computes a small part of brute force's distances.
+
+Built once per memory bank: the bank's top principal directions and, per bank row, its
+projection on them, an upper bound on the norm of the rest, and -|b|^2 / 2. A query's lower
+bound on |q - b|^2 against every row is then one small matrix product (rank + 2 dimensions
+instead of D), and only rows whose bound could beat the query's k-th distance get an exact
+distance, computed exactly as `knn` computes it. The results are `knn`'s, float for float and
+index for index; the rounding margin that makes this rigorous is derived in
+csrc/cpu/search_bound.h.
+
+Whether pruning pays is measured at build time on probe queries (patches like the ones to
+come, e.g. training patches the coreset left out). Where it does not (random data, small D,
+a tiny bank), `search` is plain `knn`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from ._extension import _C, compiled
+from .knn import knn
+
+#: The screen costs (rank + 2) / D of brute force's arithmetic: D / 16 keeps it near 6 %;
+#: on tire's 1024-d features rank 64 leaves ~2.5 % of the bank per block of queries
+#: (benchmarks/NOTES.md).
+RANK_SHARE = 16
+MAX_RANK = 64
+#: Pruning is used when the probes predict at most this share of brute force's time: below it
+#: the screen plus the exact rows are clearly cheaper; above it the gain is too small to matter.
+PAYS_BELOW = 0.5
+#: Probe queries measured at build time.
+PROBES = 4096
+
+
+@dataclass(frozen=True)
+class SearchIndex:
+    basis: torch.Tensor        # [rank, D] float32: top principal directions of the bank
+    bank_screen: torch.Tensor  # [M, rank + 2] float32: projection, residual bound, -|b|^2 / 2
+    basis_rounding: float      # ||basis - its float64 original||_F
+    probe_share: float         # exact distances the probes needed, as a share of brute force's
+    pays: bool                 # pruning predicted to take at most PAYS_BELOW of brute force's time
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, bank: torch.Tensor, probes: torch.Tensor | None = None, rank: int | None = None) -> "SearchIndex":
+        """The index of `bank` [M, D] (float32, searched on the CPU). `probes` [P, D]: queries like
+        the ones to come, to decide whether pruning pays (without them it is assumed to)."""
+        bank = _checks.float_matrix(bank, "bank").cpu()
+        m, d = bank.shape
+        if rank is None:
+            rank = max(1, min(MAX_RANK, d // RANK_SHARE))
+        rank = _checks.integer(rank, "rank", 1, d)
+        x = bank.double()
+        centred = x - x.mean(dim=0)
+        _, vectors = torch.linalg.eigh(centred.T @ centred)
+        basis64, _ = torch.linalg.qr(vectors[:, -rank:].flip(1))  # orthonormal columns, leading first
+        basis64 = basis64.T.contiguous()
+        basis = basis64.float()
+        inside = x @ basis64.T
+        residual = (x - inside @ basis64).norm(dim=1) * (1 + 1e-9)
+        residual_up = _round_up(residual)
+        screen = torch.cat([inside.float(), residual_up[:, None], (-0.5 * x.square().sum(1)).float()[:, None]], dim=1)
+        index = cls(basis, screen.contiguous(), float((basis.double() - basis64).norm()), 0.0, True)
+        if probes is None:
+            return index
+        probes = _checks.float_matrix(probes, "probes").cpu()
+        if len(probes) > PROBES:
+            pick = torch.randperm(len(probes), generator=torch.Generator().manual_seed(0))[:PROBES]
+            probes = probes[pick.sort().values]
+        share = index.measure(probes, bank)
+        predicted = share + (rank + 2) / d
+        return cls(basis, index.bank_screen, index.basis_rounding, share, predicted <= PAYS_BELOW)
+
+    def measure(self, probes: torch.Tensor, bank: torch.Tensor, k: int = 1) -> float:
+        """Share of brute force's exact distances the pruned search computes for `probes`."""
+        if not compiled(torch.device("cpu")):
+            return 1.0
+        *_, computed = _C.knn_pruned(probes, bank, k, self.basis, self.bank_screen, self.basis_rounding)
+        return computed / (len(probes) * len(bank))
+
+    def matches(self, bank: torch.Tensor) -> bool:
+        return self.bank_screen.shape[0] == bank.shape[0] and self.basis.shape[1] == bank.shape[1]
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, prune: bool | None = None,
+               progress=None):
+        """(squared distances [Q, k], indices [Q, k]): exactly `knn(queries, bank, k)`, with `bank`
+        the one this index was built from. `prune`: None follows the build-time measurement."""
+        queries = _checks.float_matrix(queries, "queries")
+        bank = _checks.float_matrix(bank, "bank")
+        if not self.matches(bank):
+            raise ValueError(f"this index was built for a [{self.bank_screen.shape[0]}, {self.basis.shape[1]}] bank, "
+                             f"got {tuple(bank.shape)}")
+        if queries.shape[1] != bank.shape[1]:
+            raise ValueError(f"queries have dim {queries.shape[1]} but bank rows have dim {bank.shape[1]}")
+        k = _checks.integer(k, "k", 1, bank.shape[0])
+        use = self.pays if prune is None else bool(prune)
+        if (not use or queries.device.type != "cpu" or bank.device.type != "cpu" or not compiled(queries.device)
+                or torch.compiler.is_compiling()):
+            return knn(queries, bank, k, progress=progress)
+        _checks.distances_fit_float32(queries, "queries", bank)
+        distances, indices, _ = _C.knn_pruned(queries, bank, k, self.basis, self.bank_screen, self.basis_rounding,
+                                              progress=progress)
+        return distances, indices
+
+    # ---------------------------------------------------------------- persistence (memory_bank.py)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"search_basis": self.basis.contiguous(), "search_bank_screen": self.bank_screen.contiguous()}
+
+    def metadata(self) -> dict:
+        return {"basis_rounding": self.basis_rounding, "probe_share": self.probe_share, "pays": self.pays}
+
+    @classmethod
+    def restore(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "SearchIndex":
+        basis, screen = tensors["search_basis"].float(), tensors["search_bank_screen"].float()
+        if basis.dim() != 2 or screen.dim() != 2 or screen.shape[1] != basis.shape[0] + 2:
+            raise ValueError("search index tensors have inconsistent shapes")
+        rounding = float(meta["basis_rounding"])
+        if not 0 <= rounding < 1e-3 or not math.isfinite(rounding):
+            raise ValueError(f"search index basis_rounding {rounding!r} out of range")
+        return cls(basis, screen, rounding, float(meta["probe_share"]), bool(meta["pays"]))
+
+
+def _round_up(values: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32, never below the float64 value."""
+    out = values.float()
+    low = out.double() < values
+    return torch.where(low, torch.nextafter(out, torch.full_like(out, math.inf)), out)

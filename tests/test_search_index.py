@@ -1,0 +1,229 @@
+"""SearchIndex (pruned exact search) against knn: the same floats and indices on every CPU path,
+on awkward sizes and adversarial data, and a build-time decision that refuses random data."""
+
+import math
+
+import pytest
+import torch
+
+from patchcore_fast import knn
+from patchcore_fast._extension import _C, compiled
+from patchcore_fast.search_index import SearchIndex
+
+from conftest import CPU_PATHS, clustered_rows, integer_rows, use_kernel
+
+needs_kernels = pytest.mark.skipif(not compiled(torch.device("cpu")), reason="the C++ extension is not built")
+
+
+@pytest.fixture(params=[f"cpu:{p}" for p in CPU_PATHS])
+def cpu_path(request, monkeypatch):
+    return use_kernel(request.param, monkeypatch)
+
+
+def pruned(queries, bank, k, index):
+    """The kernel itself (no build-time decision): (distances, indices, share of brute force computed)."""
+    d, i, computed = _C.knn_pruned(queries, bank, k, index.basis, index.bank_screen, index.basis_rounding)
+    return d, i, computed / (len(queries) * len(bank))
+
+
+def assert_same_as_knn(queries, bank, k, index=None, rank=None):
+    index = index or SearchIndex.build(bank, rank=rank)
+    d, i, share = pruned(queries, bank, k, index)
+    kd, ki = knn(queries, bank, k)
+    assert torch.equal(i, ki), f"indices differ in {(i != ki).any(1).sum()} queries"
+    assert torch.equal(d.view(torch.int32), kd.view(torch.int32))  # bit for bit, signed zeros too
+    return share
+
+
+def low_rank_rows(rows, dim, rank, generator, noise=0.05, scale=10.0):
+    """Rows near a `rank`-dimensional subspace, like patch features: pruning has something to prune."""
+    basis = torch.linalg.qr(torch.randn(dim, rank, generator=generator, dtype=torch.float64))[0].T
+    centres = torch.randn(40, rank, generator=generator, dtype=torch.float64) * scale
+    labels = torch.randint(0, 40, (rows,), generator=generator)
+    coords = centres[labels] + torch.randn(rows, rank, generator=generator, dtype=torch.float64)
+    return (coords @ basis + noise * torch.randn(rows, dim, generator=generator, dtype=torch.float64)).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [1, 3, 9])
+@pytest.mark.parametrize("queries,rows,dim", [(1, 1, 5), (37, 101, 20), (333, 1283, 130), (70, 9, 64)])
+def test_integer_data_bit_identical_to_knn(cpu_path, queries, rows, dim, k):
+    g = torch.Generator().manual_seed(queries * 7 + rows + k)
+    bank = integer_rows(rows, dim, g, -2, 3)  # many exact ties
+    q = integer_rows(queries, dim, g, -2, 3)
+    assert_same_as_knn(q, bank, min(k, rows), rank=max(1, min(8, dim - 1)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [1, 9])
+def test_float_data_identical_to_knn_and_to_float64_up_to_near_ties(cpu_path, k):
+    g = torch.Generator().manual_seed(5)
+    bank = low_rank_rows(3001, 257, 12, g)
+    q = low_rank_rows(1111, 257, 12, g)
+    share = assert_same_as_knn(q, bank, k, rank=16)
+    assert share < 0.5  # structured data: most of the bank is never computed
+    exact = torch.cdist(q.double(), bank.double()).square()
+    _, i = pruned(q, bank, k, SearchIndex.build(bank, rank=16))[:2]
+    top = exact.topk(k, largest=False)
+    differ = (i != top.indices).any(1)
+    # where the indices differ, the float64 distances lie within float32 rounding of each other
+    for row in differ.nonzero().flatten().tolist():
+        ours = exact[row, i[row]]
+        assert torch.allclose(ours, top.values[row], rtol=1e-5, atol=1e-3)
+
+
+@needs_kernels
+def test_duplicates_and_near_ties(cpu_path):
+    g = torch.Generator().manual_seed(2)
+    base = low_rank_rows(200, 96, 6, g)
+    ulp = torch.nextafter(base, torch.full_like(base, math.inf)) - base
+    bank = torch.cat([base, base, base + ulp, base.flip(0), base - ulp])  # duplicates and one-ulp neighbours
+    q = torch.cat([base[:64], base[:64] + ulp[:64], low_rank_rows(50, 96, 6, g)])
+    for k in (1, 2, 5):
+        assert_same_as_knn(q, bank, k, rank=8)
+
+
+@needs_kernels
+def test_rows_that_differ_only_outside_the_screened_directions(cpu_path):
+    g = torch.Generator().manual_seed(3)
+    dim, rank = 64, 4
+    bank = low_rank_rows(600, dim, rank, g, noise=0.0)
+    index = SearchIndex.build(bank, rank=rank)  # the subspace holds everything: residuals ~0
+    outside = torch.randn(dim, generator=g)
+    outside -= index.basis.T.double().float() @ (index.basis @ outside)
+    outside /= outside.norm()
+    # queries: bank rows pushed off the subspace by different amounts, so the residual term decides
+    q = bank[:300] + torch.linspace(0.01, 3, 300)[:, None] * outside
+    twins = bank[:300] + 0.5 * outside  # same projections as bank[:300], different residuals
+    bank2 = torch.cat([bank, twins])
+    assert_same_as_knn(q, bank2, 1, rank=rank)
+    assert_same_as_knn(q, bank2, 4, rank=rank)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale", [1e-19, 1e-6, 1.0, 1e6])
+def test_huge_and_tiny_norms(cpu_path, scale):
+    g = torch.Generator().manual_seed(4)
+    dim = 48
+    limit = math.sqrt(torch.finfo(torch.float32).max / (4 * dim))  # knn's overflow limit
+    bank = low_rank_rows(700, dim, 5, g)
+    q = low_rank_rows(200, dim, 5, g)
+    largest = max(bank.abs().max(), q.abs().max())
+    factor = min(scale, 0.5 * limit / float(largest))
+    bank, q = bank * factor, q * factor
+    mixed = torch.cat([bank[:350], bank[350:] * 1e-3])  # norms over many orders of magnitude in one bank
+    for b in (bank, mixed):
+        assert_same_as_knn(q, b, 1, rank=6)
+        assert_same_as_knn(q, b, 3, rank=6)
+
+
+@needs_kernels
+def test_bank_larger_than_one_screened_chunk():
+    g = torch.Generator().manual_seed(6)
+    bank = integer_rows(40_000, 6, g, -3, 4)  # > 2^15 rows: two chunks of the screen
+    q = integer_rows(97, 6, g, -3, 4)
+    assert_same_as_knn(q, bank, 1, rank=2)
+    assert_same_as_knn(q, bank, 9, rank=2)
+
+
+@needs_kernels
+def test_decides_against_pruning_random_data_and_for_structured_data():
+    g = torch.Generator().manual_seed(7)
+    gaussian = torch.randn(3000, 512, generator=g)
+    index = SearchIndex.build(gaussian, torch.randn(500, 512, generator=g))
+    assert not index.pays and index.probe_share > 0.5
+    structured = low_rank_rows(3000, 512, 16, g)
+    index = SearchIndex.build(structured, low_rank_rows(500, 512, 16, g))
+    assert index.pays and index.probe_share < 0.2
+    # the search follows the decision and returns knn's results either way
+    q = low_rank_rows(100, 512, 16, g)
+    for decision in (None, False, True):
+        d, i = index.search(q, structured, 2, prune=decision)
+        kd, ki = knn(q, structured, 2)
+        assert torch.equal(d, kd) and torch.equal(i, ki)
+
+
+def test_bad_input_is_refused_clearly():
+    g = torch.Generator().manual_seed(8)
+    bank = torch.randn(50, 16, generator=g)
+    index = SearchIndex.build(bank, rank=4)
+    with pytest.raises(ValueError, match="built for a \\[50, 16\\] bank"):
+        index.search(torch.randn(3, 16), torch.randn(51, 16))
+    with pytest.raises(ValueError, match="dim"):
+        index.search(torch.randn(3, 15), bank)
+    with pytest.raises(ValueError, match="k must be in"):
+        index.search(torch.randn(3, 16), bank, 51)
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(torch.full((3, 16), math.nan), bank)
+    with pytest.raises(ValueError, match="rank must be in"):
+        SearchIndex.build(bank, rank=17)
+    with pytest.raises(ValueError, match="overflow"):
+        index.search(torch.full((3, 16), 1e37), bank, prune=True)
+    if compiled(torch.device("cpu")):
+        with pytest.raises(ValueError, match="bank_screen"):
+            _C.knn_pruned(torch.randn(3, 16), bank, 1, index.basis, index.bank_screen[:, :-1], 0.0)
+
+
+@needs_kernels
+def test_progress_is_reported():
+    g = torch.Generator().manual_seed(9)
+    bank = low_rank_rows(2000, 64, 6, g)
+    q = low_rank_rows(5000, 64, 6, g)
+    seen = []
+    index = SearchIndex.build(bank, rank=4)
+    index.search(q, bank, 1, prune=True, progress=seen.append)
+    assert seen and all(0 < s <= len(q) for s in seen)
+
+
+def mirror_ties(queries, pairs, dim, inside, generator):
+    """Queries and a bank holding, for each query, `pairs` mirror pairs q + v, q - v (equal distances
+    in exact arithmetic, float32 noise in knn's) and nothing outside the first `inside` coordinates:
+    there the screen's bound equals the distance but for rounding, so only its margin keeps the
+    rows it must keep."""
+    q = torch.zeros(queries, dim)
+    q[:, :inside] = torch.randn(queries, inside, generator=generator) * 30
+    v = torch.zeros(queries, pairs, dim)
+    v[:, :, :inside] = torch.randn(queries, pairs, inside, generator=generator)
+    v *= torch.linspace(1.0, 1.001, pairs)[None, :, None] / v.norm(dim=2, keepdim=True)  # near-equal lengths
+    bank = torch.cat([q[:, None] + v, q[:, None] - v], dim=1).reshape(-1, dim)
+    return q, bank
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [1, 4])
+def test_bound_equal_to_the_distance_keeps_rounding_ties(cpu_path, k):
+    g = torch.Generator().manual_seed(10)
+    q, bank = mirror_ties(300, 6, 64, 8, g)
+    assert_same_as_knn(q, bank, k, rank=8)
+
+
+# --- in the model: built at fit time, saved and loaded with it, same scores as brute force -----
+@pytest.fixture(scope="module")
+def lite0():
+    from patchcore_fast.backbones import load_backbone
+
+    return load_backbone("efficientnet_lite0")
+
+
+@needs_kernels
+def test_model_builds_saves_and_uses_the_index_with_knn_results(lite0, tmp_path):
+    from patchcore_fast import PatchCore
+
+    g = torch.Generator().manual_seed(11)
+    train = low_rank_rows(60 * 64, 1024, 12, g).reshape(60, 64, 1024)
+    test = low_rank_rows(5 * 64, 1024, 12, g).reshape(5, 64, 1024)
+    pruned_model = PatchCore(backbone=lite0, device="cpu", image_size=64, resize=64, progress=False)
+    pruned_model.fit_features(train)
+    plain = pruned_model.with_settings(pruned_search=False).fit_features(train)
+    assert pruned_model.bank.index is not None and pruned_model.bank.index.pays
+    assert plain.bank.index is None and "index" in pruned_model.timings
+    a, b = pruned_model.score(test), plain.score(test)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    path = tmp_path / "pruned.pcf"
+    pruned_model.save(path)
+    loaded = PatchCore.load(path, device="cpu", progress=False)
+    index, original = loaded.bank.index, pruned_model.bank.index
+    assert index is not None and index.pays == original.pays and index.probe_share == original.probe_share
+    assert torch.equal(index.bank_screen, original.bank_screen) and torch.equal(index.basis, original.basis)
+    c = loaded.score(test)
+    assert torch.equal(c.scores, a.scores) and torch.equal(c.maps, a.maps)
