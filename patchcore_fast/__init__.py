@@ -6,5 +6,6 @@ from ._extension import build_info  # noqa: E402
 from .coreset import greedy_coreset  # noqa: E402
 from .knn import knn  # noqa: E402
 from .model import PatchCore, Prediction  # noqa: E402
+from .search_index import SearchIndex  # noqa: E402
 
-__all__ = ["PatchCore", "Prediction", "build_info", "greedy_coreset", "knn"]
+__all__ = ["PatchCore", "Prediction", "SearchIndex", "build_info", "greedy_coreset", "knn"]

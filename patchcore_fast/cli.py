@@ -18,7 +18,7 @@ def _model_args(args) -> dict:
     # Layer names go to the backbone as given; backbones.normalise_layers reads plain numbers as layerN.
     return dict(backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, framing=args.framing,
                 image_size=args.image_size, resize=args.resize, device=args.device, weights=args.weights,
-                skip_bad_images=args.skip_bad_images)
+                skip_bad_images=args.skip_bad_images, pruned_search=not args.brute_force_search)
 
 
 def _writable_file(path: Path) -> Path:
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--image-size", type=int, default=224)
         p.add_argument("--resize", type=int, default=256)
         p.add_argument("--weights", default=None, help="backbone weights file (default: ImageNet)")
+        p.add_argument("--brute-force-search", action="store_true",
+                       help="no search index: every test patch meets every bank row (same results, slower on the CPU)")
 
     p = sub.add_parser("fit", parents=after, help="fit on a folder of good images (or ROOT/CATEGORY/train/good) and save")
     p.add_argument("root", help="a folder of good images, or an MVTec AD root with --category")

@@ -77,7 +77,8 @@ class PatchCore:
                  image_size: int = 224, resize: int = 256, device=None, weights: str | None = None,
                  embed_dim: int = 1024, batch_size: int = 16, seed: int = 0, reweight_neighbors: int = 9,
                  half_precision: bool = False, progress: bool = True, skip_bad_images: bool = False,
-                 coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL, knn_cuda_kernel: str = DEFAULT_KNN_KERNEL):
+                 coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL, knn_cuda_kernel: str = DEFAULT_KNN_KERNEL,
+                 pruned_search: bool = True):
         if isinstance(backbone, FeatureExtractor):
             if layers is not None or weights is not None:
                 raise ValueError("layers and weights belong to load_backbone when backbone is a loaded FeatureExtractor")
@@ -89,7 +90,8 @@ class PatchCore:
                                  half_precision=bool(half_precision), coreset_ratio=coreset_ratio,
                                  projection_dim=projection_dim, num_neighbors=num_neighbors, reweight=reweight,
                                  reweight_neighbors=reweight_neighbors, seed=seed,
-                                 coreset_cuda_kernel=coreset_cuda_kernel, knn_cuda_kernel=knn_cuda_kernel)
+                                 coreset_cuda_kernel=coreset_cuda_kernel, knn_cuda_kernel=knn_cuda_kernel,
+                                 pruned_search=pruned_search)
         self._setup(config, extractor, device, batch_size, progress, skip_bad_images)
 
     @classmethod
