@@ -124,6 +124,40 @@ std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned(const at::Tensor& queries
       patchcore::knn_pruned_cpu(queries, bank, k, basis, bank_screen, basis_rounding, python_progress(progress)));
 }
 
+void check_cpu_float_matrix(const at::Tensor& x, const char* what, const char* name) {
+  TORCH_CHECK_VALUE(x.is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat, what, ": ", name,
+                    " must be a 2-D float32 CPU tensor");
+}
+
+at::Tensor fixed_order_projection(const at::Tensor& features, const at::Tensor& weights) {
+  check_cpu_float_matrix(features, "fixed_order_projection", "features");
+  check_cpu_float_matrix(weights, "fixed_order_projection", "weights");
+  TORCH_CHECK_VALUE(features.size(1) == weights.size(1), "fixed_order_projection: features [N, D], weights [P, D]");
+  return patchcore::fixed_order_projection_cpu(features, weights);
+}
+
+at::Tensor mean_distances(const at::Tensor& space, const at::Tensor& centres) {
+  check_cpu_float_matrix(space, "mean_distances", "space");
+  check_cpu_float_matrix(centres, "mean_distances", "centres");
+  TORCH_CHECK_VALUE(space.size(1) == centres.size(1) && centres.size(0) >= 1,
+                    "mean_distances: space [N, D], centres [S >= 1, D]");
+  return patchcore::mean_distances_cpu(space, centres);
+}
+
+std::tuple<double, int64_t> coreset_step(const at::Tensor& space, at::Tensor min_distance,
+                                         const std::optional<at::Tensor>& centre) {
+  check_cpu_float_matrix(space, "coreset_step", "space");
+  TORCH_CHECK_VALUE(min_distance.is_cpu() && min_distance.scalar_type() == at::kFloat && min_distance.dim() == 1 &&
+                        min_distance.is_contiguous() && min_distance.size(0) == space.size(0),
+                    "coreset_step: min_distance must be a contiguous float32 [N] CPU tensor");
+  if (centre) {
+    TORCH_CHECK_VALUE(centre->is_cpu() && centre->scalar_type() == at::kFloat && centre->is_contiguous() &&
+                          centre->numel() == space.size(1),
+                      "coreset_step: centre must be a contiguous float32 [D] CPU tensor");
+  }
+  return patchcore::coreset_step_cpu(space, min_distance, centre);
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef PATCHCORE_WITH_CUDA
@@ -169,5 +203,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bank_screen"), py::arg("basis_rounding"), py::arg("progress") = py::none(),
         "Exact top-k as knn on the CPU, skipping bank rows a bound rules out (see patchcore_fast.search_index). "
         "Returns (distances, indices, exact distances computed).");
+  m.def("fixed_order_projection", &fixed_order_projection, py::arg("features"), py::arg("weights"),
+        "features @ weights.T with every element summed in one fixed order (the same float for a row "
+        "whatever the batch, thread count or CPU path)");
+  m.def("mean_distances", &mean_distances, py::arg("space"), py::arg("centres"),
+        "Each row's mean L2 distance to the centres, in a fixed order");
+  m.def("coreset_step", &coreset_step, py::arg("space"), py::arg("min_distance"), py::arg("centre") = py::none(),
+        "One greedy step in place: (largest min_distance, its row)");
   m.def("build_info", &build_info, "How this extension was built");
 }

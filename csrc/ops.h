@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <tuple>
 
 namespace patchcore {
@@ -34,6 +35,15 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::
 std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                                                            const at::Tensor& basis, const at::Tensor& bank_screen,
                                                            double basis_rounding, const Progress& progress = {});
+
+// Greedy-coreset pieces whose floats depend on the row alone (coreset_setup_cpu.cpp): the random
+// projection (rows x weights^T), each row's mean distance to `centres`, and one greedy step: rows
+// whose min_distance is >= 0 take their distance to `centre` (if given) into it, then the largest
+// min_distance and its row (lowest row on ties) are returned. Picked rows hold -inf.
+at::Tensor fixed_order_projection_cpu(const at::Tensor& features, const at::Tensor& weights);
+at::Tensor mean_distances_cpu(const at::Tensor& space, const at::Tensor& centres);
+std::tuple<double, int64_t> coreset_step_cpu(const at::Tensor& space, at::Tensor& min_distance,
+                                             const std::optional<at::Tensor>& centre);
 
 #ifdef PATCHCORE_WITH_CUDA
 // The two CUDA coreset kernels (same picks; see csrc/cuda/greedy_coreset_cuda.cuh).

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -18,7 +20,8 @@ def _model_args(args) -> dict:
     # Layer names go to the backbone as given; backbones.normalise_layers reads plain numbers as layerN.
     return dict(backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, framing=args.framing,
                 image_size=args.image_size, resize=args.resize, device=args.device, weights=args.weights,
-                skip_bad_images=args.skip_bad_images, pruned_search=not args.brute_force_search)
+                skip_bad_images=args.skip_bad_images, pruned_search=not args.brute_force_search,
+                batch_size=args.batch_size)
 
 
 def _writable_file(path: Path) -> Path:
@@ -69,8 +72,8 @@ def cmd_fit(args) -> None:
         calibration, _ = training_images(args.calibrate, None)
         model.calibrate(calibration, args.quantile)
         print(f"threshold {model.bank.threshold:.6g}: {model.bank.threshold_source}")
-    model.save(out)
-    print(f"saved {out}: memory bank {tuple(model.memory_bank.shape)}, {model.config.backbone.name}, "
+    model.save(out)  # under torchrun: rank 0 writes the whole bank
+    print(f"saved {out}: memory bank ({len(model.bank)}, {model.config.embed_dim}), {model.config.backbone.name}, "
           f"framing {model.config.framing}")
 
 
@@ -81,7 +84,7 @@ def cmd_predict(args) -> None:
 
     out = _writable_folder(Path(args.out))
     model = PatchCore.load(args.model, device=args.device, progress=not args.quiet,
-                           skip_bad_images=args.skip_bad_images)
+                           skip_bad_images=args.skip_bad_images, batch_size=args.batch_size)
     paths = []
     for item in args.images:
         p = Path(item)
@@ -103,6 +106,10 @@ def cmd_predict(args) -> None:
     if not paths:
         raise ValueError("no images to score")
     pred = model.predict(paths)
+    from . import distributed
+
+    if not distributed.is_main():  # every rank has the results; rank 0 writes them
+        return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -129,12 +136,26 @@ def cmd_predict(args) -> None:
     print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
 
 
+@contextlib.contextmanager
+def _output_folder(out: Path):
+    """`out` on rank 0 (or without torchrun); a scratch folder, removed afterwards, on other ranks,
+    which compute the same results in step with rank 0."""
+    from . import distributed
+
+    if distributed.is_main():
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="patchcore-rank-") as scratch:
+        yield Path(scratch)
+
+
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate
 
     _writable_folder(Path(args.out))
-    _, _, tables = evaluate(args.root, args.out, categories=args.categories, ratios=args.ratios,
-                            progress=not args.quiet, **_model_args(args))
+    with _output_folder(Path(args.out)) as out:
+        _, _, tables = evaluate(args.root, out, categories=args.categories, ratios=args.ratios,
+                                progress=not args.quiet, **_model_args(args))
     print(tables)
     print(f"results: {Path(args.out) / 'results.csv'}, timings: {Path(args.out) / 'timings.csv'}")
 
@@ -147,8 +168,9 @@ def cmd_demo(args) -> None:
     root = synthetic.dataset(args.seed, args.data)
     print(f"synthetic dataset (seed {args.seed}): {root}")
     out = Path(args.out)
-    _, _, tables = evaluate(root, out, ratios=args.ratios, progress=not args.quiet, backbone="efficientnet_lite0",
-                            device=args.device)
+    with _output_folder(out) as folder:
+        _, _, tables = evaluate(root, folder, ratios=args.ratios, progress=not args.quiet,
+                                backbone="efficientnet_lite0", device=args.device)
     print(tables)
     print(f"results: {out / 'results.csv'}, timings: {out / 'timings.csv'}")
     print(f"overlays: {out / 'overlays'}")
@@ -190,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--image-size", type=int, default=224)
         p.add_argument("--resize", type=int, default=256)
         p.add_argument("--weights", default=None, help="backbone weights file (default: ImageNet)")
+        p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch")
         p.add_argument("--brute-force-search", action="store_true",
                        help="no search index: every test patch meets every bank row (same results, slower on the CPU)")
 
@@ -207,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default="predictions")
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
     p.set_defaults(run=cmd_predict)
 
@@ -237,22 +261,49 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        _join_process_group(args)
         args.run(args)
     except KeyboardInterrupt:  # every long step stops within about a second; files are written atomically
-        print("\npatchcore-fast: interrupted", file=sys.stderr)
+        print(f"\n{_program()}: interrupted", file=sys.stderr)
         return 130
     except (FileNotFoundError, ValueError, OSError, UserError) as error:
         # Bad input, files or setup: one line, exit code 2 (--debug shows where).
         if args.debug:
             raise
-        print(f"patchcore-fast: error: {error}", file=sys.stderr)
+        print(f"{_program()}: error: {error}", file=sys.stderr)
         return 2
     except Exception:  # anything else is a bug in patchcore_fast (or below it): never dressed up
         traceback.print_exc()
-        print("patchcore-fast: internal error: this is a bug; please report it with the traceback above "
+        print(f"{_program()}: internal error: this is a bug; please report it with the traceback above "
               "and the output of `patchcore-fast kernels`", file=sys.stderr)
         return 1
+    finally:
+        from . import distributed
+
+        distributed.shutdown()
     return 0
+
+
+def _program() -> str:
+    """The name errors start with; under torchrun it says which rank speaks."""
+    from . import distributed
+
+    return f"patchcore-fast[rank {distributed.rank_and_size()[0]}]" if distributed.active() else "patchcore-fast"
+
+
+def _join_process_group(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; ranks other than 0 work silently
+    (their standard output is discarded; errors still reach standard error, marked with the rank)."""
+    from . import distributed
+
+    if not distributed.init_from_environment():
+        return
+    rank, size = distributed.rank_and_size()
+    if rank != 0:
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
+    else:
+        print(f"distributed: {size} ranks ({torch.distributed.get_backend()})")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,25 @@ def random_projection(dim_in: int, dim_out: int, generator: torch.Generator) -> 
     return torch.empty(dim_out, dim_in).uniform_(-bound, bound, generator=generator)
 
 
-def mean_start_distances(space: torch.Tensor, num_starts: int, generator: torch.Generator) -> torch.Tensor:
-    """The authors' start: each point's mean L2 distance to `num_starts` random points
-    (drawn without replacement; they are not selected)."""
-    starts = torch.randperm(space.shape[0], generator=generator)[:num_starts].to(space.device)
-    return pairwise_l2(space, space[starts]).mean(dim=1)
+def start_rows(num_rows: int, num_starts: int, generator: torch.Generator) -> torch.Tensor:
+    """The authors' start points: `num_starts` rows drawn without replacement (not selected)."""
+    return torch.randperm(num_rows, generator=generator)[: min(num_starts, num_rows)]
+
+
+def mean_start_distances(space: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Each row's mean L2 distance to the start points' rows `centres`. On the CPU each value is
+    summed in one fixed order, so a row gets the same float in one process or on any rank of a
+    distributed run (patchcore_fast.distributed)."""
+    if space.device.type == "cpu" and compiled(space.device):
+        return _C.mean_distances(space, centres.contiguous())
+    return pairwise_l2(space, centres).mean(dim=1)
+
+
+def project(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """features @ weights.T; on the CPU each element in one fixed order (as mean_start_distances)."""
+    if features.device.type == "cpu" and compiled(features.device):
+        return _C.fixed_order_projection(features, weights.contiguous())
+    return features @ weights.to(features.device).T
 
 
 def seeded_start(features: torch.Tensor, projection_dim: int | None = 128, num_starts: int = 10, seed: int = 0,
@@ -42,12 +56,21 @@ def seeded_start(features: torch.Tensor, projection_dim: int | None = 128, num_s
     start rows. Returns (selection space [N, projection_dim], start distances [N] or None)."""
     generator = torch.Generator().manual_seed(seed)
     space = features
-    dim = features.shape[1]
-    if projection_dim is not None and projection_dim != dim:  # the authors skip an identity-sized map
-        space = features @ random_projection(dim, projection_dim, generator).to(features.device).T
+    weights = projection_weights(features.shape[1], projection_dim, generator)
+    if weights is not None:
+        space = project(features, weights)
     if not draw_start:
         return space, None
-    return space, mean_start_distances(space, min(num_starts, len(space)), generator)
+    starts = start_rows(len(space), num_starts, generator).to(space.device)
+    return space, mean_start_distances(space, space[starts])
+
+
+def projection_weights(dim: int, projection_dim: int | None, generator: torch.Generator) -> torch.Tensor | None:
+    """The seeded projection's weights [projection_dim, dim], or None where the authors skip it
+    (projection_dim None or equal to the width)."""
+    if projection_dim is None or projection_dim == dim:
+        return None
+    return random_projection(dim, projection_dim, generator)
 
 
 def coreset_size(num_rows: int, ratio=None, n=None) -> int:

@@ -150,7 +150,8 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _expand(data) -> list:
+def expand_images(data) -> list:
+    """The items `data` names: a folder's image files, one file, one PIL image, or the list given."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         if path.is_dir():
@@ -185,7 +186,7 @@ def iter_batches(data, transform: Transform, batch_size: int, skip_bad: bool = F
             yield transform.tensor(item)
         return
     pending: list[torch.Tensor] = []
-    for item in _expand(data):
+    for item in expand_images(data):
         if isinstance(item, torch.Tensor):
             pending.extend(transform.tensor(item))
         else:
@@ -209,7 +210,7 @@ def count_images(data) -> int | None:
     if isinstance(data, torch.Tensor):
         return 1 if data.dim() == 3 else len(data)
     if isinstance(data, (str, Path, Image.Image, list, tuple)):
-        return sum(1 if not isinstance(x, torch.Tensor) else (1 if x.dim() == 3 else len(x)) for x in _expand(data))
+        return sum(1 if not isinstance(x, torch.Tensor) else (1 if x.dim() == 3 else len(x)) for x in expand_images(data))
     dataset = getattr(data, "dataset", None)
     return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 

@@ -75,6 +75,10 @@ class MemoryBank:
             return self.index.search(queries, self.features, k)
         return knn(queries, self.features, k, cuda_kernel=self.config.knn_cuda_kernel)
 
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Bank rows by index (any shape of indices)."""
+        return self.features[indices]
+
     def save(self, path) -> None:
         """Writes the bank, grid and config to `path` atomically (a temporary file replaces it when complete)."""
         from safetensors.torch import save_file

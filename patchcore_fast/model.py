@@ -7,16 +7,19 @@ import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from . import distributed
 from .anomaly_map import anomaly_maps
 from .backbones import FeatureExtractor, load_backbone
 from .config import PatchCoreConfig
 from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
 from .coreset import coreset_size, greedy_coreset
-from .data import count_images, iter_batches
+from .data import count_images, expand_images, iter_batches
 from .embedding import patch_embedding
 from .errors import UserError
 from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
@@ -193,8 +196,30 @@ class PatchCore:
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
     def fit(self, data) -> "PatchCore":
-        """Build the memory bank from defect-free images (folder, paths, PIL images, tensor, DataLoader)."""
+        """Build the memory bank from defect-free images (folder, paths, PIL images, tensor, DataLoader).
+        Inside a process group (torchrun) each rank embeds its share and the bank is sharded."""
+        if distributed.active():
+            return self.fit_features(self._extract_share(self._share(data, "fit")))
         return self.fit_features(self.extract(data))
+
+    def _extract_share(self, share) -> torch.Tensor:
+        """Features of this rank's share of the images; none ([0, patches, dim]) for an empty share."""
+        if len(share):
+            return self.extract(share)
+        return torch.empty(0, self.grid[0] * self.grid[1], self.config.embed_dim, device=self.device)
+
+    def _share(self, data, what: str):
+        """This rank's contiguous share of `data`'s images (a list of items or a tensor batch)."""
+        if isinstance(data, torch.Tensor):
+            batch = data[None] if data.dim() == 3 else data
+            start, stop = distributed.shard(len(batch), unit=self.batch_size)
+            return batch[start:stop]
+        if not isinstance(data, (str, Path, list, tuple, Image.Image)):
+            raise UserError(f"under torchrun, {what} takes a folder, a list of images or a tensor batch "
+                            "(each rank takes its share of them)")
+        items = expand_images(data)
+        start, stop = distributed.shard(len(items), unit=self.batch_size)
+        return items[start:stop]
 
     @torch.no_grad()
     def fit_features(self, features: torch.Tensor) -> "PatchCore":
@@ -208,13 +233,25 @@ class PatchCore:
                              f"{self.grid[0]} x {self.grid[1]}")
         per_image = features if features.dim() == 3 else None
         features = features.reshape(-1, features.shape[-1])
-        size = coreset_size(len(features), c.coreset_ratio)
+        sharded = distributed.active()  # `features` are this rank's share; picks are global rows
+        counts = distributed.row_counts(len(features), "counting rows") if sharded else [len(features)]
+        size = coreset_size(sum(counts), c.coreset_ratio)
         with self._timed("coreset"), tqdm(total=size, desc="coreset", unit="pick", disable=not self.progress) as bar:
-            picks = greedy_coreset(features, c.coreset_ratio, projection_dim=c.projection_dim, seed=c.seed,
-                                   cuda_kernel=c.coreset_cuda_kernel, progress=lambda done: bar.update(done - bar.n))
+            if sharded:
+                picks = distributed.greedy_coreset(features.cpu(), c.coreset_ratio, projection_dim=c.projection_dim,
+                                                   seed=c.seed, progress=lambda done: bar.update(done - bar.n))
+            else:
+                picks = greedy_coreset(features, c.coreset_ratio, projection_dim=c.projection_dim, seed=c.seed,
+                                       cuda_kernel=c.coreset_cuda_kernel, progress=lambda done: bar.update(done - bar.n))
             bar.update(size - bar.n)
-        bank = MemoryBank(features[picks].contiguous(), self.grid, c)
-        if c.pruned_search and bank.features.device.type == "cpu":
+        if sharded:
+            offset = sum(counts[: distributed.rank_and_size()[0]])
+            ids = ((picks >= offset) & (picks < offset + len(features))).nonzero().flatten()
+            bank = distributed.ShardedBank(features[(picks[ids] - offset).to(features.device)].contiguous(), self.grid,
+                                           c, ids=ids, total=len(picks))
+        else:
+            bank = MemoryBank(features[picks].contiguous(), self.grid, c)
+        if c.pruned_search and bank.features.device.type == "cpu" and not sharded:
             with self._timed("index"):
                 bank = dataclasses.replace(bank, index=SearchIndex.build(bank.features, self._probes(features, picks)))
         if per_image is not None:
@@ -241,15 +278,28 @@ class PatchCore:
         """Image scores of a seeded sample of training images, each against the bank without the
         rows picked from it: how a good image the model has not seen scores."""
         images, patches = per_image.shape[:2]
-        if images < 2:
+        sharded = isinstance(bank, distributed.ShardedBank)
+        counts = distributed.row_counts(images, "counting images") if sharded else [images]
+        if sum(counts) < 2:
             return None
         generator = torch.Generator().manual_seed(self.config.seed)
-        sample = torch.randperm(images, generator=generator)[: self.NORMAL_SAMPLE].tolist()
+        sample = torch.randperm(sum(counts), generator=generator)[: self.NORMAL_SAMPLE].tolist()
         source = (picks // patches).to(bank.features.device)
+        if sharded:
+            source = source[bank.ids.to(source.device)]  # the source image of each row this rank holds
+            first = sum(counts[: distributed.rank_and_size()[0]])
         scores = []
         for image in sample:
-            others = MemoryBank(bank.features[source != image], bank.grid, bank.config)
-            image_scores, _ = self._score_chunk(others, per_image[image : image + 1].to(self.device))
+            if sharded:  # the image's features from the rank that embedded it
+                owner = next(r for r in range(len(counts)) if sum(counts[:r]) <= image < sum(counts[: r + 1]))
+                mine = owner == distributed.rank_and_size()[0]
+                local = per_image[image - first] if mine else torch.zeros_like(per_image[0])
+                features = distributed.broadcast(local.cpu(), owner, "sharing a training image")
+                others = bank.without(source != image)
+            else:
+                features = per_image[image]
+                others = MemoryBank(bank.features[source != image], bank.grid, bank.config)
+            image_scores, _ = self._score_chunk(others, features[None].to(self.device))
             scores.append(image_scores.cpu())
         return torch.cat(scores)
 
@@ -257,7 +307,13 @@ class PatchCore:
     @torch.no_grad()
     def predict(self, data) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts."""
-        self._fitted_bank()
+        bank = self._fitted_bank()
+        if distributed.active():  # each rank embeds its share; every rank scores every image
+            local = self._extract_share(self._share(data, "predict"))
+            features = distributed.all_gather_rows(local.cpu(), "sharing test features")
+            if len(features) == 0:
+                raise ValueError("no images to score")
+            return self.score(features)
         parts = []
         for batch in self._batches(data, "scoring", count_images(data)):
             with self._timed("features"):
@@ -320,8 +376,8 @@ class PatchCore:
         """Eq. 7: 1 - softmax over the L2 distances from the worst patch to the b bank neighbours of its
         nearest bank entry (that entry first)."""
         b = min(self.config.reweight_neighbors, len(bank))
-        _, support = bank.search(bank.features[nearest], b)
-        distances = (worst_features[:, None, :] - bank.features[support]).norm(dim=-1)
+        _, support = bank.search(bank.rows(nearest), b)
+        distances = (worst_features[:, None, :] - bank.rows(support)).norm(dim=-1)
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
     # ------------------------------------------------------------------ persistence
@@ -342,6 +398,8 @@ class PatchCore:
         if spec.weights_sha256 and extractor.spec.weights_sha256 != spec.weights_sha256:
             raise ValueError(f"the backbone weights {spec.weights} differ from those the model in {path} was fitted with")
         model = cls.from_config(bank.config, extractor, device, batch_size, progress, skip_bad_images)
+        if distributed.active():  # each rank keeps its contiguous share of the bank rows
+            bank = distributed.ShardedBank.from_bank(bank)
         model.bank = bank.to(model.device)
         model._grid = bank.grid
         return model

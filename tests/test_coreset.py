@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import patchcore_fast
-from patchcore_fast.coreset import mean_start_distances, seeded_start
+from patchcore_fast.coreset import mean_start_distances, start_rows, seeded_start
 from patchcore_fast.reference import greedy_coreset_reference, pairwise_l2
 
 from conftest import DEVICES, clustered_rows, integer_rows, kernel_fixtures
@@ -13,7 +13,7 @@ kernel, device, coreset = kernel_fixtures(patchcore_fast.greedy_coreset, patchco
 
 
 def start(space, seed=0):
-    return mean_start_distances(space, 10, torch.Generator().manual_seed(seed))
+    return mean_start_distances(space, space[start_rows(len(space), 10, torch.Generator().manual_seed(seed))])
 
 
 def assert_greedy(features, picks, initial):

@@ -13,7 +13,7 @@ import torch
 
 from conftest import integer_rows
 from cuda_on_cpu import emulator
-from patchcore_fast.coreset import mean_start_distances
+from patchcore_fast.coreset import mean_start_distances, start_rows
 from patchcore_fast.reference import greedy_coreset_reference, knn_reference
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -27,7 +27,7 @@ def harness(tmp_path_factory):
 
 
 def start(x):
-    return mean_start_distances(x, 10, torch.Generator().manual_seed(0))
+    return mean_start_distances(x, x[start_rows(len(x), 10, torch.Generator().manual_seed(0))])
 
 
 def float_rows(rows, dim, seed):

@@ -78,6 +78,8 @@ struct Kernels {
   // instruction set (16 interleaved partial sums, no fused multiply-add), so every
   // path returns the same float bit for bit.
   float (*exact_distance)(const float* a, const float* b, int64_t dim);
+  // a.b summed in the same fixed order: the same float on every path.
+  float (*exact_dot)(const float* a, const float* b, int64_t dim);
   void (*coreset_pass)(const CoresetPass& pass, int64_t lo, int64_t hi, TopRows& top);
   void (*knn)(const KnnBlock& block, int64_t q_lo, int64_t q_hi);
   // out[i * out_stride + j] = rows_i . panel row j for rows i in [lo, hi), j < panels * panel_width

@@ -59,33 +59,42 @@ inline void for_each_row_group(const float* rows, int64_t dim, int64_t lo, int64
   }
 }
 
-// sqrt(sum (a - b)^2) with element j in partial sum j % 16, the partial sums added pairwise
-// in a fixed tree, and no fused multiply-add (kernels are compiled with -ffp-contract=off):
-// the same float on every instruction set.
+// sum term(a_j, b_j) with element j in partial sum j % 16, the partial sums added pairwise in
+// a fixed tree, and no fused multiply-add (kernels are compiled with -ffp-contract=off): the
+// same float on every instruction set. term(0, 0) must be 0 (the tail is zero-padded).
 constexpr int kExactLanes = 16;
 constexpr int kExactVecs = kExactLanes / kLanes;
 
-inline float exact_distance(const float* a, const float* b, int64_t dim) {
+template <class Term>
+inline float fixed_order_sum(const float* a, const float* b, int64_t dim, Term term) {
   Vec acc[kExactVecs];
   for (int v = 0; v < kExactVecs; ++v) acc[v] = vzero();
   int64_t j = 0;
   for (; j + kExactLanes <= dim; j += kExactLanes)
-    for (int v = 0; v < kExactVecs; ++v) {
-      const Vec d = vsub(vload(a + j + v * kLanes), vload(b + j + v * kLanes));
-      acc[v] = vadd(acc[v], vmul(d, d));
-    }
+    for (int v = 0; v < kExactVecs; ++v) acc[v] = vadd(acc[v], term(vload(a + j + v * kLanes), vload(b + j + v * kLanes)));
   if (j < dim) {  // the tail as one zero-padded block: padded lanes add exactly zero
     float ta[kExactLanes] = {}, tb[kExactLanes] = {};
     std::memcpy(ta, a + j, sizeof(float) * (dim - j));
     std::memcpy(tb, b + j, sizeof(float) * (dim - j));
-    for (int v = 0; v < kExactVecs; ++v) {
-      const Vec d = vsub(vload(ta + v * kLanes), vload(tb + v * kLanes));
-      acc[v] = vadd(acc[v], vmul(d, d));
-    }
+    for (int v = 0; v < kExactVecs; ++v) acc[v] = vadd(acc[v], term(vload(ta + v * kLanes), vload(tb + v * kLanes)));
   }
   float lanes[kExactLanes];
   for (int v = 0; v < kExactVecs; ++v) vstore(lanes + v * kLanes, acc[v]);
   for (int width = kExactLanes / 2; width >= 1; width /= 2)
     for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  return __builtin_sqrtf(lanes[0]);  // the instruction itself: no shared std::sqrt body (cpu_kernels.h)
+  return lanes[0];
+}
+
+// sqrt(sum (a - b)^2) in that order.
+inline float exact_distance(const float* a, const float* b, int64_t dim) {
+  const float sum = fixed_order_sum(a, b, dim, [](Vec x, Vec y) {
+    const Vec d = vsub(x, y);
+    return vmul(d, d);
+  });
+  return __builtin_sqrtf(sum);  // the instruction itself: no shared std::sqrt body (cpu_kernels.h)
+}
+
+// sum a_j b_j in that order.
+inline float exact_dot(const float* a, const float* b, int64_t dim) {
+  return fixed_order_sum(a, b, dim, [](Vec x, Vec y) { return vmul(x, y); });
 }

@@ -21,6 +21,6 @@ namespace {
 #include "knn_pruned.h"
 }  // namespace
 
-const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &coreset_pass, &knn, &project, &knn_pruned};
+const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &exact_dot, &coreset_pass, &knn, &project, &knn_pruned};
 
 }  // namespace patchcore::cpu

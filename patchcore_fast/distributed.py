@@ -1,0 +1,325 @@
+"""PatchCore across processes with torch.distributed: gloo on CPUs, NCCL on GPUs, launched with torchrun.
+
+Rows are split contiguously: rank r holds images [r * I / R, (r + 1) * I / R) of the I images (a
+DistributedSampler split without shuffling), so the concatenation of the shards in rank order is
+the single-process feature matrix and a row's global index is its rank's offset plus its local index.
+
+- `greedy_coreset(local_rows, ...)`: exactly the picks of the single-process `greedy_coreset` on
+  the concatenated rows (same seed, projection and start; each value is summed in a fixed order,
+  so a row's floats do not depend on which rank computes it). One step = one `all_gather` of each
+  rank's best (distance, global index, row); the highest distance wins, the lower index on ties.
+- `search(queries, local_bank, local_ids, k)`: every rank searches its shard, the per-query lists
+  are gathered and merged by (distance, global bank index): exactly `knn` on the whole bank.
+- `ShardedBank`: a MemoryBank whose rows are spread over the ranks; `PatchCore` uses it when fitted
+  or loaded inside a process group (see model.py). It is saved as one ordinary model file written by
+  rank 0, so that it loads anywhere (one process, or any number of ranks).
+
+Every collective waits at most PATCHCORE_DIST_TIMEOUT seconds (default 600) for the other ranks;
+a rank that died or hangs makes the others fail with DistributedError naming the step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import datetime
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import _checks
+from ._extension import _C, compiled
+from .coreset import coreset_size, mean_start_distances, project, projection_weights, start_rows
+from .errors import UserError
+from .knn import knn
+from .memory_bank import MemoryBank
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedError(UserError):
+    """Another rank died, or a collective waited longer than the timeout."""
+
+
+def active() -> bool:
+    """Inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_size() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
+def is_main() -> bool:
+    return rank_and_size()[0] == 0
+
+
+def init_from_environment(timeout_s: float | None = None) -> bool:
+    """Joins the process group torchrun describes (WORLD_SIZE > 1; RANK, MASTER_ADDR, MASTER_PORT):
+    NCCL where this rank has a GPU, else gloo. Returns whether this process is one of several ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        timeout = float(timeout_s if timeout_s is not None else os.environ.get("PATCHCORE_DIST_TIMEOUT",
+                                                                                DEFAULT_TIMEOUT_S))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        with collective("joining the process group"):
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        atexit.register(shutdown)  # a group left open at exit can abort the process (gloo's threads)
+    return active()
+
+
+def shutdown() -> None:
+    """Leaves the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(count: int, rank: int | None = None, size: int | None = None, unit: int = 1) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of `count` items, in whole runs of `unit` items (the
+    batch size, so that every batch holds the images one process would put in it: a backbone's
+    floats can depend on the batch it runs in)."""
+    if rank is None or size is None:
+        rank, size = rank_and_size()
+    units = -(-count // unit)
+    return min(count, units * rank // size * unit), min(count, units * (rank + 1) // size * unit)
+
+
+@contextlib.contextmanager
+def collective(what: str):
+    """Turns a failed or timed-out collective into one clear DistributedError."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except (RuntimeError, ValueError) as error:  # gloo/NCCL errors, timeouts, a peer's closed connection
+        rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else ("?", "?")
+        raise DistributedError(f"rank {rank} of {size}: {what} failed: another rank stopped, or did not answer "
+                               f"within the timeout (PATCHCORE_DIST_TIMEOUT): {str(error).splitlines()[0]}") from error
+
+
+def _comm_device() -> torch.device:
+    """Where collectives take their tensors: the GPU with NCCL, the CPU with gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather(tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape and dtype on every rank), in rank order, on this tensor's device."""
+    device = _comm_device()
+    local = tensor.to(device).contiguous()
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    with collective(what):
+        dist.all_gather(out, local)
+    return [t.to(tensor.device) for t in out]
+
+
+def all_gather_rows(local: torch.Tensor, what: str) -> torch.Tensor:
+    """The concatenation, in rank order, of every rank's `local` [n_r, ...] (n_r may differ)."""
+    counts = [int(c) for c in all_gather(torch.tensor([len(local)]), what)]
+    padded = torch.zeros(max(counts), *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = all_gather(padded, what)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def broadcast(tensor: torch.Tensor, source: int, what: str) -> torch.Tensor:
+    """`tensor` as rank `source` holds it (every rank passes a tensor of the same shape and dtype)."""
+    buffer = tensor.to(_comm_device()).contiguous()
+    with collective(what):
+        dist.broadcast(buffer, source)
+    return buffer.to(tensor.device)
+
+
+def row_counts(local_rows: int, what: str) -> list[int]:
+    return [int(c) for c in all_gather(torch.tensor([local_rows], dtype=torch.int64), what)]
+
+
+def _owner(index: int, offsets: list[int]) -> int:
+    """The rank whose rows hold global row `index` (offsets: each rank's first row, plus the total)."""
+    for rank in range(len(offsets) - 1):
+        if offsets[rank] <= index < offsets[rank + 1]:
+            return rank
+    raise IndexError(index)
+
+
+def gather_rows(local: torch.Tensor, indices: torch.Tensor, offsets: list[int], what: str) -> torch.Tensor:
+    """Rows `indices` (global) of the distributed matrix whose shard this rank holds as `local`: each
+    from its owner, exactly (a broadcast per owning rank)."""
+    rank = dist.get_rank()
+    out = torch.zeros(len(indices), local.shape[1], dtype=local.dtype, device=local.device)
+    for source in range(len(offsets) - 1):
+        mine = (indices >= offsets[source]) & (indices < offsets[source + 1])
+        if not bool(mine.any()):
+            continue
+        part = local[indices[mine] - offsets[rank]] if source == rank else out[mine]
+        out[mine] = broadcast(part, source, what)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- coreset
+@torch.no_grad()
+def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: int | None = None,
+                   projection_dim: int | None = 128, num_starts: int = 10, seed: int = 0,
+                   progress=None) -> torch.Tensor:
+    """Global row indices, in selection order, of the greedy coreset of the rows spread over the
+    ranks (this rank's share `local_rows` [n_r, D], rank order = row order): on every rank, exactly
+    what `patchcore_fast.greedy_coreset(all rows, ...)` returns on the CPU. Runs on the CPU (gloo)."""
+    if not active():
+        raise DistributedError("distributed.greedy_coreset needs a process group of several ranks "
+                               "(launch with torchrun); in one process use patchcore_fast.greedy_coreset")
+    local = _checks.float_matrix(local_rows, "local_rows").cpu() if len(local_rows) else local_rows.float().cpu()
+    counts = row_counts(len(local), "counting rows")
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    total, offset = offsets[-1], offsets[dist.get_rank()]
+    size = coreset_size(total, ratio, n)
+    seed = _checks.integer(seed, "seed", 0)
+    num_starts = _checks.integer(num_starts, "num_starts", 1)
+    if not compiled(torch.device("cpu")):
+        raise DistributedError("the distributed coreset needs the compiled extension (patchcore_fast._C)")
+
+    generator = torch.Generator().manual_seed(seed)  # the single-process draw order: projection, then starts
+    weights = projection_weights(local.shape[1], projection_dim, generator)
+    space = project(local, weights) if weights is not None else local
+    largest = all_gather(torch.tensor([float(space.abs().max()) if len(space) else 0.0], dtype=torch.float64),
+                         "checking value ranges")
+    _checks.distances_fit_float32(torch.full((1, space.shape[1]), max(float(v) for v in largest)),
+                                  "projected features" if weights is not None else "features")
+    centres = gather_rows(space, start_rows(total, num_starts, generator), offsets, "sharing the start rows")
+    min_distance = mean_start_distances(space, centres) if len(space) else torch.empty(0)
+
+    picks = []
+    value, index = _C.coreset_step(space, min_distance, None) if len(space) else (-math.inf, -1)
+    payload = torch.empty(2 + space.shape[1], dtype=torch.float64)
+    for step in range(size):
+        # this rank's best: (distance, global index, row); float32 values are exact in float64
+        payload[0] = value
+        payload[1] = offset + index if index >= 0 else math.inf
+        payload[2:] = space[index] if index >= 0 else 0
+        everyone = all_gather(payload, f"coreset step {step + 1} of {size}")
+        winner = max(everyone, key=lambda p: (float(p[0]), -float(p[1])))
+        pick = int(winner[1])
+        picks.append(pick)
+        if offset <= pick < offset + len(space):
+            min_distance[pick - offset] = -math.inf
+        if len(space):
+            value, index = _C.coreset_step(space, min_distance, winner[2:].float().contiguous())
+        if progress is not None:
+            progress(step + 1)
+    return torch.tensor(picks, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------- search
+@torch.no_grad()
+def search(queries: torch.Tensor, local_bank: torch.Tensor, local_ids: torch.Tensor, k: int, total: int,
+           local_search=None):
+    """(squared distances [Q, k], global bank indices [Q, k]) on every rank: each rank searches its
+    shard (`local_bank` rows with global indices `local_ids`, ascending), the lists are gathered and
+    merged by (distance, index): exactly `knn(queries, whole bank, k)`. `queries` must be the same on
+    every rank; `local_search(queries, bank, k)` replaces `knn` for the shard (same contract)."""
+    k = _checks.integer(k, "k", 1, total)
+    q = queries.shape[0]
+    local_k = min(k, len(local_bank))
+    distances = torch.full((q, k), math.inf, device=queries.device)
+    indices = torch.full((q, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=queries.device)
+    if local_k > 0:
+        d, i = (local_search or knn)(queries, local_bank, local_k)
+        distances[:, :local_k] = d
+        indices[:, :local_k] = local_ids.to(i.device)[i]
+    all_d = torch.cat(all_gather(distances, "merging search results"), dim=1)
+    all_i = torch.cat(all_gather(indices, "merging search results"), dim=1)
+    order = torch.argsort(all_i, dim=1, stable=True)  # by index, then (stably) by distance
+    all_d, all_i = all_d.gather(1, order), all_i.gather(1, order)
+    order = torch.argsort(all_d, dim=1, stable=True)[:, :k]
+    return all_d.gather(1, order), all_i.gather(1, order)
+
+
+@dataclass(frozen=True)
+class ShardedBank(MemoryBank):
+    """A memory bank spread over the ranks: `features` holds this rank's rows, `ids` their global
+    bank indices (ascending), `total` the whole bank's size. Searches, row lookups and saving are
+    collectives: every rank must call them together."""
+
+    ids: torch.Tensor = None  # type: ignore[assignment]
+    total: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ids is None or len(self.ids) != len(self.features):
+            raise ValueError("a sharded bank needs the global index of each of its rows")
+
+    def __len__(self) -> int:
+        return self.total
+
+    @classmethod
+    def from_bank(cls, bank: MemoryBank) -> "ShardedBank":
+        """This rank's contiguous share of a whole bank (e.g. one loaded from a file)."""
+        start, stop = shard(len(bank))
+        fields = {f.name: getattr(bank, f.name) for f in dataclasses.fields(MemoryBank)}
+        fields.update(features=bank.features[start:stop].contiguous(), index=None)
+        return cls(**fields, ids=torch.arange(start, stop), total=len(bank))
+
+    def to(self, device) -> "ShardedBank":
+        return dataclasses.replace(self, features=self.features.to(device))
+
+    def without(self, keep: torch.Tensor) -> "ShardedBank":
+        """The bank restricted to this rank's rows where `keep` (a local mask); global indices are
+        kept (still ascending), so distances and their order are those of the restricted whole bank."""
+        sizes = row_counts(int(keep.sum()), "restricting the bank")
+        return dataclasses.replace(self, features=self.features[keep].contiguous(), ids=self.ids[keep],
+                                   total=sum(sizes))
+
+    def search(self, queries: torch.Tensor, k: int):
+        return search(queries, self.features, self.ids, k, self.total)
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Bank rows `indices` (global, the same on every rank), each from the rank that holds it."""
+        flat = indices.reshape(-1).cpu()
+        position = {g: i for i, g in enumerate(self.ids.tolist())}
+        holders = torch.tensor([dist.get_rank() if g in position else -1 for g in flat.tolist()], dtype=torch.int64)
+        holders = torch.stack(all_gather(holders, "looking up bank rows")).max(0).values
+        if bool((holders < 0).any()):
+            raise IndexError(f"bank rows {flat[holders < 0].tolist()[:5]} are outside the bank of {self.total}")
+        out = torch.zeros(len(flat), self.features.shape[1])
+        for source in sorted(set(holders.tolist())):
+            where = holders == source
+            if source == dist.get_rank():
+                part = self.features[[position[g] for g in flat[where].tolist()]].cpu()
+            else:
+                part = out[where]
+            out[where] = broadcast(part, source, "looking up bank rows")
+        return out.reshape(*indices.shape, -1).to(self.features.device)
+
+    def whole(self) -> MemoryBank:
+        """The whole bank as one MemoryBank, on every rank (rows gathered in global order)."""
+        rows = all_gather_rows(self.features.cpu(), "gathering the bank")
+        ids = all_gather_rows(self.ids.cpu(), "gathering the bank")
+        features = torch.empty_like(rows)
+        features[ids] = rows
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(MemoryBank)}
+        fields.update(features=features, index=None)
+        return MemoryBank(**fields)
+
+    def save(self, path) -> None:
+        """Rank 0 writes the whole bank as one ordinary model file (atomically: a temporary file
+        replaces `path` when complete); the other ranks wait for it. A rank that fails before the
+        write leaves no file."""
+        bank = self.whole()
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                bank.save(path)
+            except Exception as e:  # report it on every rank, not only here
+                error = e
+        failed = all_gather(torch.tensor([error is not None]), "saving the model")
+        if error is not None:
+            raise error
+        if any(bool(f) for f in failed):
+            raise DistributedError(f"rank 0 could not write {path}")
