@@ -39,6 +39,17 @@ def patch_features(images, seed):
     return (torch.randn(images, 64, 12, generator=g) @ basis + 0.1 * torch.randn(images, 64, 1024, generator=g)).abs()
 
 
+TIRE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec3d_rgb" / "tire"
+
+
+def tire_slice():
+    """A small slice of MVTec 3D-AD tire: 8 training images, 2 good and 2 cut test images (paths)."""
+    from patchcore_fast.data import image_files
+
+    return (image_files(TIRE / "train" / "good")[:8],
+            image_files(TIRE / "test" / "good")[:2] + image_files(TIRE / "test" / "cut")[:2])
+
+
 def small_model():
     return PatchCore(backbone=load_backbone("efficientnet_lite0"), device="cpu", image_size=64, resize=64,
                      progress=False, coreset_ratio=0.25, batch_size=2)
@@ -75,9 +86,10 @@ def main(scenario: str, out: Path) -> None:
         model = PatchCore.load(out.parent / "model.pcf", device="cpu", progress=False)
         prediction = model.score(patch_features(4, 1))
         result.update(scores=prediction.scores, maps=prediction.maps, rows=len(model.bank.features))
-    elif scenario == "images":  # fit and predict from images, each rank embedding its share
-        model = small_model().fit(texture_batch(TRAIN))
-        prediction = model.predict(texture_batch(TEST))
+    elif scenario in ("images", "tire"):  # fit and predict from images, each rank embedding its share
+        train, test = (texture_batch(TRAIN), texture_batch(TEST)) if scenario == "images" else tire_slice()
+        model = small_model().fit(train)
+        prediction = model.predict(test)
         result.update(scores=prediction.scores, maps=prediction.maps)
     elif scenario == "die_saving":  # rank 1 dies when the bank is gathered for writing
         model = small_model().fit(texture_batch(TRAIN))

@@ -108,12 +108,17 @@ def test_sharded_model_scores_like_one_process_and_saves_one_file(tmp_path):
     assert sum(r["rows"] for r in results) == len(model.bank)
 
 
-def test_fit_and_predict_from_images_on_two_ranks_like_one(tmp_path):
-    """From images, each rank embeds its share (whole batches). The backbone's floats depend on its
-    thread count (oneDNN), so the one-process reference runs with the ranks' settings (one thread)."""
-    one = run_ranks(1, "images", tmp_path / "one")[0]
-    for r in run_ranks(2, "images", tmp_path / "two"):
-        assert torch.equal(r["scores"], one["scores"]) and torch.equal(r["maps"], one["maps"])
+@pytest.mark.parametrize("data", ["images", "tire"])
+def test_fit_and_predict_from_images_on_two_ranks_like_one(tmp_path, data):
+    """From images (synthetic textures, or a slice of tire), each rank embeds its share (whole
+    batches). The backbone's floats depend on its thread count (oneDNN), so the one-process
+    reference runs with the ranks' settings (one thread)."""
+    if data == "tire" and not worker.TIRE.is_dir():
+        pytest.skip("tire images not found (../shared/data)")
+    one = run_ranks(1, data, tmp_path / "one")[0]
+    for ranks in (2, 3):
+        for r in run_ranks(ranks, data, tmp_path / str(ranks)):
+            assert torch.equal(r["scores"], one["scores"]) and torch.equal(r["maps"], one["maps"])
 
 
 @pytest.mark.parametrize("scenario", ["die", "die_saving", "hang"])
