@@ -80,7 +80,7 @@ def cmd_fit(args) -> None:
 def cmd_predict(args) -> None:
     from .data import ImageReadError, TestImage, image_files, load_mask, mvtec_mask_path, open_image
     from .model import PatchCore
-    from .overlay import save_overlays
+    from .overlay import save_overlays, save_overlays_on_originals
 
     out = _writable_folder(Path(args.out))
     model = PatchCore.load(args.model, device=args.device, progress=not args.quiet,
@@ -105,7 +105,7 @@ def cmd_predict(args) -> None:
         paths = readable
     if not paths:
         raise ValueError("no images to score")
-    pred = model.predict(paths)
+    pred = model.predict(paths, on_original=args.overlays == "original")
     from . import distributed
 
     if not distributed.is_main():  # every rank has the results; rank 0 writes them
@@ -127,12 +127,17 @@ def cmd_predict(args) -> None:
         scale = float(pred.maps.min()), float(pred.maps.max())
         print("this model has no fixed colour scale (fitted from pooled features): overlays use this run's range")
     low, high = scale
-    masks = []
-    for path in paths:
-        mask_path = mvtec_mask_path(path)
-        masks.append(load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None)
-    save_overlays(out, paths, [f"{i:04d}_{p.stem}.png" for i, p in enumerate(paths)], pred.maps, masks,
-                  model.transform, model.batch_size, low, high, pred.scores, pred.threshold)
+    names = [f"{i:04d}_{p.stem}.png" for i, p in enumerate(paths)]
+    if args.overlays == "original":  # each image at its own size; outside the centre crop in grey
+        save_overlays_on_originals(out, paths, names, pred.original_maps, [mvtec_mask_path(p) for p in paths], low,
+                                   high, pred.scores, pred.threshold)
+    else:
+        masks = []
+        for path in paths:
+            mask_path = mvtec_mask_path(path)
+            masks.append(load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None)
+        save_overlays(out, paths, names, pred.maps, masks, model.transform, model.batch_size, low, high, pred.scores,
+                      pred.threshold)
     print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
 
 
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default="predictions")
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch")
+    p.add_argument("--overlays", choices=("original", "model"), default="original",
+                   help="draw maps on each original image (default; outside the centre crop in grey) or on the "
+                        "model's S x S view")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
     p.set_defaults(run=cmd_predict)
 

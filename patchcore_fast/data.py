@@ -47,7 +47,7 @@ class Transform:
         return f"short side resized to {self.resize}, centre {self.crop} x {self.crop} kept (MVTec AD protocol)"
 
     def image(self, img: Image.Image) -> torch.Tensor:
-        arr = np.asarray(self._resample(_to_rgb(img)), dtype=np.uint8)
+        arr = np.asarray(self._resample(to_rgb(img)), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
     def mask(self, mask: Image.Image) -> torch.Tensor:
@@ -92,6 +92,27 @@ class Transform:
             batch = F.interpolate(batch.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         return self._crop(batch).float()
 
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom), in a width x height image's own pixels, of the region its
+        S x S view shows: the whole image, or the centre crop's box."""
+        if self.framing == "whole":
+            return 0.0, 0.0, float(width), float(height)
+        nw, nh = self._size((width, height))
+        top, left = int(round((nh - self.crop) / 2.0)), int(round((nw - self.crop) / 2.0))
+        sx, sy = width / nw, height / nh
+        return left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy
+
+    def to_original(self, view_map: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """An S x S map drawn back on its width x height image: [height, width], bilinear, NaN where the
+        view did not look (outside the centre crop): unknown, not invented."""
+        left, top, right, bottom = self.box(width, height)
+        rows = _resampling_matrix(height, view_map.shape[0], top, bottom)
+        cols = _resampling_matrix(width, view_map.shape[1], left, right)
+        out = rows.nan_to_num() @ view_map.double().cpu() @ cols.nan_to_num().T
+        out[rows[:, 0].isnan()] = float("nan")
+        out[:, cols[:, 0].isnan()] = float("nan")
+        return out.float()
+
     def _size(self, wh):
         """(width, height) with the short side at `resize`, as torchvision's Resize(int) rounds."""
         w, h = wh
@@ -105,7 +126,39 @@ class Transform:
         return x[..., top : top + self.crop, left : left + self.crop]
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _resampling_matrix(out_size: int, in_size: int, start: float, stop: float) -> torch.Tensor:
+    """[out_size, in_size] bilinear weights (pixel centres, edges clamped) taking samples that span
+    [start, stop) of the output axis onto it; rows of output pixels outside that span are NaN."""
+    centres = torch.arange(out_size, dtype=torch.float64) + 0.5
+    position = (centres - start) / (stop - start) * in_size - 0.5
+    low = position.floor()
+    weight = position - low
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    matrix.index_put_((rows, low.long().clamp(0, in_size - 1)), 1 - weight, accumulate=True)
+    matrix.index_put_((rows, (low.long() + 1).clamp(0, in_size - 1)), weight, accumulate=True)
+    matrix[(centres < start) | (centres > stop)] = float("nan")
+    return matrix
+
+
+def image_sizes(data) -> list[tuple[int, int]]:
+    """(width, height) of each image `data` gives, as it is read (EXIF orientation applied)."""
+    if isinstance(data, torch.Tensor):
+        batch = data[None] if data.dim() == 3 else data
+        return [(int(batch.shape[-1]), int(batch.shape[-2]))] * len(batch)
+    if not isinstance(data, (str, Path, Image.Image, list, tuple)):
+        raise ValueError("maps on the original images need a folder, files, PIL images or tensors "
+                         "(a DataLoader does not say its images' sizes)")
+    sizes = []
+    for item in expand_images(data):
+        if isinstance(item, torch.Tensor):
+            sizes += image_sizes(item)
+        else:
+            sizes.append(ImageOps.exif_transpose(item if isinstance(item, Image.Image) else open_image(Path(item))).size)
+    return sizes
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB with the pixels the file means: camera orientation (EXIF) applied, 16-bit grey
     scaled (not clipped) to 8 bits, transparency over black, palette and CMYK converted."""
     img = ImageOps.exif_transpose(img)

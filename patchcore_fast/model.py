@@ -19,7 +19,7 @@ from .backbones import FeatureExtractor, load_backbone
 from .config import PatchCoreConfig
 from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
 from .coreset import coreset_size, greedy_coreset
-from .data import count_images, expand_images, iter_batches
+from .data import count_images, expand_images, image_sizes, iter_batches
 from .embedding import patch_embedding
 from .errors import UserError
 from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
@@ -32,6 +32,9 @@ class Prediction:
     scores: torch.Tensor  # [B] image anomaly scores
     maps: torch.Tensor    # [B, image_size, image_size] pixel anomaly scores
     threshold: float | None = None  # the model's calibrated decision threshold, if it has one
+    #: With predict(..., on_original=True): each map on its own image, [H_i, W_i], NaN where the
+    #: model did not look (outside the centre crop).
+    original_maps: list[torch.Tensor] | None = None
 
     @property
     def normalized(self) -> torch.Tensor | None:
@@ -305,8 +308,16 @@ class PatchCore:
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
-    def predict(self, data) -> Prediction:
-        """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts."""
+    def predict(self, data, on_original: bool = False) -> Prediction:
+        """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts. With
+        `on_original`, also each map drawn back on its own image (`Prediction.original_maps`)."""
+        prediction = self._predict(data)
+        if on_original:
+            sizes = image_sizes(data)
+            prediction.original_maps = [self.transform.to_original(m, w, h) for m, (w, h) in zip(prediction.maps, sizes)]
+        return prediction
+
+    def _predict(self, data) -> Prediction:
         bank = self._fitted_bank()
         if distributed.active():  # each rank embeds its share; every rank scores every image
             local = self._extract_share(self._share(data, "predict"))

@@ -29,15 +29,19 @@ def contour(mask: np.ndarray) -> np.ndarray:
 def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low: float, high: float,
                  mask: torch.Tensor | None = None, score: float | None = None,
                  threshold: float | None = None) -> None:
-    """image [3, S, S] in [0, 1]; the map is coloured on the fixed scale [low, high] (values above
+    """image [3, H, W] in [0, 1] and its map [H, W] (NaN: not looked at, drawn grey); the map is coloured on the fixed scale [low, high] (values above
     saturate red), with a colour bar on the right, the image score on top and the ground-truth
     contour (green) when a mask is given. With a threshold, the score is also shown relative to
     it, with the decision."""
     from PIL import ImageDraw
 
     rgb = image.permute(1, 2, 0).cpu().numpy()
-    heat = heat_colours((anomaly_map.cpu().numpy() - low) / max(high - low, 1e-12))
+    values = anomaly_map.cpu().numpy()
+    unknown = np.isnan(values)
+    heat = heat_colours((np.nan_to_num(values) - low) / max(high - low, 1e-12))
     out = 0.5 * rgb + 0.5 * heat
+    # Where the model did not look (outside the centre crop): the image in grey, darkened, no heat.
+    out[unknown] = 0.35 * rgb[unknown].mean(axis=-1, keepdims=True)
     if mask is not None:
         out[contour(mask.cpu().numpy().astype(bool))] = (0.0, 1.0, 0.0)
     size = out.shape[0]
@@ -81,3 +85,19 @@ def save_overlays(folder: Path, paths, names, maps: torch.Tensor, masks, transfo
             score = None if scores is None else float(scores[index])
             save_overlay(Path(folder) / names[index], image, maps[index], low, high, masks[index], score, threshold)
             index += 1
+
+
+def save_overlays_on_originals(folder: Path, paths, names, maps, masks, low: float, high: float, scores=None,
+                               threshold: float | None = None) -> None:
+    """As save_overlays, on each original image file at its own size: `maps[i]` [H_i, W_i] from
+    Prediction.original_maps, `masks[i]` the ground-truth mask file (or None), read at full size."""
+    from .data import open_image, to_rgb
+
+    for index, path in enumerate(paths):
+        img = to_rgb(open_image(Path(path)))
+        image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        mask = None
+        if masks[index] is not None:
+            mask = torch.from_numpy(np.asarray(Image.open(masks[index]).convert("L").resize(img.size)) > 127)
+        score = None if scores is None else float(scores[index])
+        save_overlay(Path(folder) / names[index], image, maps[index], low, high, mask, score, threshold)
