@@ -141,6 +141,27 @@ def cmd_predict(args) -> None:
     print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
 
 
+def cmd_export(args) -> None:
+    from .data import image_files
+    from .export import check_onnx, export
+    from .model import PatchCore
+
+    out = _writable_file(Path(args.out))
+    model = PatchCore.load(args.model, device="cpu", progress=False)
+    export(model, out, args.format)
+    s = model.config.image_size
+    print(f"exported {out} ({args.format}): input images [B, 3, {s}, {s}] in [0, 1] after the model's transform "
+          f"({model.transform.describe()}); outputs scores [B], maps [B, {s}, {s}]")
+    if args.check:
+        if args.format != "onnx":
+            raise ValueError("--check runs onnxruntime: use it with --format onnx")
+        images = []
+        for item in args.check:
+            images += image_files(Path(item)) if Path(item).is_dir() else [Path(item)]
+        relative = check_onnx(model, out, images)
+        print(f"onnxruntime vs predict on {len(images)} images: image scores within {relative:.2e} (relative)")
+
+
 @contextlib.contextmanager
 def _output_folder(out: Path):
     """`out` on rank 0 (or without torchrun); a scratch folder, removed afterwards, on other ranks,
@@ -241,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's S x S view")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
     p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("export", parents=after, help="export a model's whole scoring path (ONNX or torch.export)")
+    p.add_argument("model")
+    p.add_argument("--format", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--out", required=True, help="the file to write (.onnx, or .pt2 for torch)")
+    p.add_argument("--check", nargs="+", metavar="IMAGES",
+                   help="images or folders to score with onnxruntime and predict; fails beyond 1e-4 relative")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("evaluate", parents=after, help="fit and evaluate MVTec AD-layout categories")
     p.add_argument("root")
