@@ -34,6 +34,8 @@ MAX_RANK = 64
 PAYS_BELOW = 0.5
 #: Probe queries measured at build time.
 PROBES = 4096
+#: Bank rows converted to float64 at a time while building.
+CHUNK_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -58,17 +60,27 @@ class SearchIndex:
         if rank is None:
             rank = max(1, min(MAX_RANK, d // RANK_SHARE))
         rank = _checks.integer(rank, "rank", 1, d)
-        x = bank.double()
-        centred = x - x.mean(dim=0)
-        _, vectors = torch.linalg.eigh(centred.T @ centred)
+        # float64 throughout, in chunks of rows (a float64 copy of a large bank would not fit)
+        total, second = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        for chunk in bank.split(CHUNK_ROWS):
+            x = chunk.double()
+            total += x.sum(dim=0)
+            second += x.T @ x
+        mean = total / m
+        _, vectors = torch.linalg.eigh(second - m * torch.outer(mean, mean))  # m x the covariance
         basis64, _ = torch.linalg.qr(vectors[:, -rank:].flip(1))  # orthonormal columns, leading first
         basis64 = basis64.T.contiguous()
         basis = basis64.float()
-        inside = x @ basis64.T
-        residual = (x - inside @ basis64).norm(dim=1) * (1 + 1e-9)
-        residual_up = _round_up(residual)
-        screen = torch.cat([inside.float(), residual_up[:, None], (-0.5 * x.square().sum(1)).float()[:, None]], dim=1)
-        index = cls(basis, screen.contiguous(), float((basis.double() - basis64).norm()), 0.0, True)
+        screen = torch.empty(m, rank + 2)
+        for start in range(0, m, CHUNK_ROWS):
+            x = bank[start : start + CHUNK_ROWS].double()
+            inside = x @ basis64.T
+            residual = (x - inside @ basis64).norm(dim=1) * (1 + 1e-9)
+            rows = screen[start : start + len(x)]
+            rows[:, :rank] = inside.float()
+            rows[:, rank] = _round_up(residual)
+            rows[:, rank + 1] = (-0.5 * x.square().sum(1)).float()
+        index = cls(basis, screen, float((basis.double() - basis64).norm()), 0.0, True)
         if probes is None:
             return index
         probes = _checks.float_matrix(probes, "probes").cpu()
