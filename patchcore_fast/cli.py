@@ -63,6 +63,8 @@ def cmd_fit(args) -> None:
     from .model import PatchCore
 
     out = _writable_file(Path(args.out))
+    if args.calibrate_defects and not args.calibrate:
+        raise ValueError("--calibrate-defects needs --calibrate GOOD_FOLDER as well")
     images, ignored = training_images(args.root, args.category)
     model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args))
     print(f"fitting {len(images)} images ({model.transform.describe()})"
@@ -70,7 +72,8 @@ def cmd_fit(args) -> None:
     model.fit(images)
     if args.calibrate:
         calibration, _ = training_images(args.calibrate, None)
-        model.calibrate(calibration, args.quantile)
+        defective = training_images(args.calibrate_defects, None)[0] if args.calibrate_defects else None
+        model.calibrate(calibration, args.quantile, defective)
         print(f"threshold {model.bank.threshold:.6g}: {model.bank.threshold_source}")
     model.save(out)  # under torchrun: rank 0 writes the whole bank
     print(f"saved {out}: memory bank ({len(model.bank)}, {model.config.embed_dim}), {model.config.backbone.name}, "
@@ -246,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="a folder of good images, or an MVTec AD root with --category")
     p.add_argument("--category", help="MVTec AD layout: fit on ROOT/CATEGORY/train/good")
     p.add_argument("--calibrate", metavar="FOLDER", help="good images not used for fitting: sets the decision threshold")
+    p.add_argument("--calibrate-defects", metavar="FOLDER",
+                   help="defective images: with --calibrate, the threshold is the F1-optimal one on both folders")
     p.add_argument("--quantile", type=float, default=0.99,
                    help="threshold = this quantile of the calibration images' scores (default 0.99)")
     p.add_argument("--out", required=True)

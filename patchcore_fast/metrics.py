@@ -114,3 +114,22 @@ def pro(maps, masks, fpr_limit: float = 0.3) -> float:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     fpr, overlap = pro_curve(maps, masks)
     return area_up_to(fpr, overlap, fpr_limit) / fpr_limit
+
+
+def f1_optimal_threshold(scores, labels) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 of the decision `score > threshold` (labels 1 = defective).
+    Candidates are the midpoints between consecutive distinct scores (and just below the lowest);
+    on equal F1 the lowest such threshold wins."""
+    s = _flat(scores, "scores").double()
+    y = _flat(labels, "labels").bool()
+    if len(s) != len(y) or not bool(y.any()) or bool(y.all()):
+        raise ValueError("need scores of both defect-free and defective images, one label per score")
+    values = torch.unique(s)  # ascending
+    candidates = torch.cat([values[:1] - 1e-6 * values[:1].abs().clamp_min(1.0), (values[1:] + values[:-1]) / 2])
+    flagged = s[None, :] > candidates[:, None]
+    tp = (flagged & y).sum(1).double()
+    fp = (flagged & ~y).sum(1).double()
+    fn = (~flagged & y).sum(1).double()
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    best = int(torch.argmax(f1))  # the first maximum: the lowest threshold
+    return float(candidates[best]), float(f1[best])

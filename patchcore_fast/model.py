@@ -24,6 +24,7 @@ from .embedding import patch_embedding
 from .errors import UserError
 from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
 from .memory_bank import FORMAT_VERSION, MemoryBank  # noqa: F401  (FORMAT_VERSION: the file format written)
+from .metrics import f1_optimal_threshold
 from .search_index import PROBES, SearchIndex
 
 
@@ -335,17 +336,25 @@ class PatchCore:
         return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]), self.bank.threshold)
 
     @torch.no_grad()
-    def calibrate(self, good_images, quantile: float = 0.99) -> "PatchCore":
-        """Sets the decision threshold to the `quantile` of the scores of defect-free images the model
-        was not fitted on (linear interpolation between order statistics); saved with the model."""
+    def calibrate(self, good_images, quantile: float = 0.99, defective_images=None) -> "PatchCore":
+        """Sets the decision threshold, saved with the model: the `quantile` of the scores of
+        defect-free images the model was not fitted on (linear interpolation between order
+        statistics), or, given labelled `defective_images` too, the F1-optimal threshold on both."""
         bank = self._fitted_bank()
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
         scores = self.predict(good_images).scores.double()
-        threshold = float(torch.quantile(scores, quantile))
+        if defective_images is not None:
+            defective = self.predict(defective_images).scores.double()
+            labels = torch.cat([torch.zeros(len(scores)), torch.ones(len(defective))])
+            threshold, f1 = f1_optimal_threshold(torch.cat([scores, defective]), labels)
+            source = f"F1-optimal (F1 {f1:.3f}) on {len(scores)} good and {len(defective)} defective images"
+        else:
+            threshold = float(torch.quantile(scores, quantile))
+            source = f"quantile {quantile:g} of {len(scores)} good images"
         if not threshold > 0:
-            raise ValueError(f"the calibration images score {threshold} at quantile {quantile}: no usable threshold")
-        self.bank = bank.with_threshold(threshold, f"quantile {quantile:g} of {len(scores)} good images")
+            raise ValueError(f"the calibration images give threshold {threshold}: no usable threshold")
+        self.bank = bank.with_threshold(threshold, source)
         return self
 
     @torch.no_grad()

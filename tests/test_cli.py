@@ -154,6 +154,26 @@ def test_calibrated_threshold_gives_decisions(dataset, tmp_path):
         assert row["is_anomalous"] == str(int(norm > 1))
 
 
+def test_f1_optimal_calibration_from_labelled_folders(dataset, tmp_path):
+    from patchcore_fast import PatchCore
+    from patchcore_fast.metrics import f1_optimal_threshold
+
+    model_path = tmp_path / "brick.pcf"
+    good = dataset / "brick" / "test" / "good"
+    defects = next(p for p in (dataset / "brick" / "test").iterdir() if p.is_dir() and p.name != "good")
+    assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(model_path), "--calibrate",
+                 str(good), "--calibrate-defects", str(defects), *SMALL]) == 0
+    model = PatchCore.load(model_path, device="cpu", progress=False)
+    assert model.bank.threshold_source.startswith("F1-optimal")
+    plain = PatchCore.from_config(model.config, device="cpu", progress=False)
+    plain.bank = model.bank
+    scores = torch.cat([plain.predict(sorted(good.iterdir())).scores, plain.predict(sorted(defects.iterdir())).scores])
+    labels = torch.cat([torch.zeros(len(list(good.iterdir()))), torch.ones(len(list(defects.iterdir())))])
+    assert model.bank.threshold == pytest.approx(f1_optimal_threshold(scores, labels)[0], rel=1e-6)
+    assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(tmp_path / "x.pcf"),
+                 "--calibrate-defects", str(defects), *SMALL]) == 2  # needs --calibrate too
+
+
 def test_f1_matches_scikit_learn():
     from sklearn.metrics import f1_score as sk_f1
 

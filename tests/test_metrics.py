@@ -94,3 +94,23 @@ def test_metric_errors():
         metrics.auroc([0.1, float("nan")], [1, 0])
     with pytest.raises(ValueError, match="shape"):
         metrics.pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+
+
+def test_f1_optimal_threshold_separates_and_is_the_best_possible():
+    from patchcore_fast.metrics import f1_optimal_threshold
+
+    threshold, f1 = f1_optimal_threshold(torch.tensor([1.0, 2.0, 3.0, 10.0, 11.0]), torch.tensor([0, 0, 0, 1, 1]))
+    assert 3.0 < threshold < 10.0 and f1 == 1.0
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.randn(40, generator=g), torch.randn(15, generator=g) + 1.5])
+    labels = torch.cat([torch.zeros(40), torch.ones(15)]).bool()
+    threshold, f1 = f1_optimal_threshold(scores, labels)
+    flagged = scores > threshold
+    tp, fp, fn = (flagged & labels).sum(), (flagged & ~labels).sum(), (~flagged & labels).sum()
+    assert f1 == pytest.approx(float(2 * tp / (2 * tp + fp + fn)))
+    for t in torch.cat([scores - 1e-4, scores + 1e-4]):  # no threshold does better
+        f = scores > t
+        tp, fp, fn = (f & labels).sum(), (f & ~labels).sum(), (~f & labels).sum()
+        assert float(2 * tp / (2 * tp + fp + fn)) <= f1 + 1e-6  # float32 division
+    with pytest.raises(ValueError, match="both"):
+        f1_optimal_threshold(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]))
