@@ -12,16 +12,22 @@ namespace {
 
 // Progress for the CPU kernels: answers Ctrl-C (the kernel stops between units of work and the
 // binding raises KeyboardInterrupt) and passes the work done to `callback` (a Python callable or
-// None) at most five times a second. Runs on the calling thread, which holds the GIL.
+// None) at most five times a second. The kernels run without the GIL (other Python threads keep
+// running), so the callback takes it for the moment it needs Python.
+// The Python object is held through a shared_ptr, so copies of the function (made without the
+// GIL) never touch its reference count; the caller keeps the returned function alive, with the
+// GIL, until the kernel is done.
 patchcore::Progress python_progress(const py::object& callback) {
   auto last = std::make_shared<std::chrono::steady_clock::time_point>();
-  return [callback, last](int64_t done) -> bool {
+  auto held = std::make_shared<py::object>(callback);
+  return [held, last](int64_t done) -> bool {
+    py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) return false;
     const auto now = std::chrono::steady_clock::now();
-    if (callback.is_none() || now - *last < std::chrono::milliseconds(200)) return true;
+    if (held->is_none() || now - *last < std::chrono::milliseconds(200)) return true;
     *last = now;
     try {
-      callback(done);
+      (*held)(done);
     } catch (py::error_already_set& error) {
       error.restore();
       return false;
@@ -30,9 +36,14 @@ patchcore::Progress python_progress(const py::object& callback) {
   };
 }
 
-// After a kernel that may have stopped early: re-raise what stopped it.
-template <class T>
-T raise_if_stopped(T result) {
+// Runs a long kernel without the GIL, then re-raises what stopped it early (Ctrl-C, an error in
+// the progress callback), if anything did.
+template <class Kernel>
+auto without_gil(Kernel&& kernel) {
+  auto result = [&] {
+    py::gil_scoped_release released;
+    return kernel();
+  }();
   if (PyErr_Occurred()) throw py::error_already_set();
   return result;
 }
@@ -52,17 +63,25 @@ at::Tensor greedy_coreset(const at::Tensor& features, const at::Tensor& initial,
                     "greedy_coreset: initial distances must be float32 of shape [N]");
   TORCH_CHECK_VALUE(n >= 1 && n <= features.size(0), "greedy_coreset: n must be in [1, N]");
   check_pair(features, initial, "greedy_coreset");
+  // A negative (or NaN) start distance would never be raised by an update: the selection could not
+  // end correctly. -0.0 becomes +0.0 (as a sign bit it would outrank every distance in a packed key).
+  TORCH_CHECK_VALUE(initial.ge(0).all().item<bool>(),
+                    "greedy_coreset: initial distances must be non-negative (and not NaN)");
+  const at::Tensor start = initial.add(0.0);
   if (features.is_cuda()) {
 #ifdef PATCHCORE_WITH_CUDA
-    return patchcore::greedy_coreset_cuda(
-        features, initial, n,
-        cuda_kernel == "resident" ? patchcore::CoresetKernel::kResident : patchcore::CoresetKernel::kCached);
+    return without_gil([&] {
+      return patchcore::greedy_coreset_cuda(
+          features, start, n,
+          cuda_kernel == "resident" ? patchcore::CoresetKernel::kResident : patchcore::CoresetKernel::kCached);
+    });
 #else
     TORCH_CHECK(false, "greedy_coreset: this build of patchcore_fast has no CUDA kernels");
 #endif
   }
   TORCH_CHECK_VALUE(features.is_cpu(), "greedy_coreset: unsupported device ", features.device());
-  return raise_if_stopped(patchcore::greedy_coreset_cpu(features, initial, n, python_progress(progress)));
+  const auto report = python_progress(progress);
+  return without_gil([&] { return patchcore::greedy_coreset_cpu(features, start, n, report); });
 }
 
 std::tuple<at::Tensor, at::Tensor> greedy_coreset_stages(const at::Tensor& features, const at::Tensor& initial,
@@ -94,13 +113,14 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
 #ifdef PATCHCORE_WITH_CUDA
     TORCH_CHECK_VALUE(k <= patchcore::kCudaKnnMaxK, "knn: the CUDA kernel keeps at most ",
                       patchcore::kCudaKnnMaxK, " neighbours");
-    return patchcore::knn_cuda(queries, bank, k, cuda_kernel == "warp32x64" ? 4 : 2);
+    return without_gil([&] { return patchcore::knn_cuda(queries, bank, k, cuda_kernel == "warp32x64" ? 4 : 2); });
 #else
     TORCH_CHECK(false, "knn: this build of patchcore_fast has no CUDA kernels");
 #endif
   }
   TORCH_CHECK_VALUE(queries.is_cpu(), "knn: unsupported device ", queries.device());
-  return raise_if_stopped(patchcore::knn_cpu(queries, bank, k, python_progress(progress)));
+  const auto report = python_progress(progress);
+  return without_gil([&] { return patchcore::knn_cpu(queries, bank, k, report); });
 }
 
 std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
@@ -120,8 +140,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned(const at::Tensor& queries
                     "knn_pruned: tensors must be float32");
   TORCH_CHECK_VALUE(k >= 1 && k <= bank.size(0), "knn_pruned: k must be in [1, M]");
   TORCH_CHECK_VALUE(basis_rounding >= 0 && basis_rounding < 1e-3, "knn_pruned: basis_rounding out of range");
-  return raise_if_stopped(
-      patchcore::knn_pruned_cpu(queries, bank, k, basis, bank_screen, basis_rounding, python_progress(progress)));
+  const auto report = python_progress(progress);
+  return without_gil([&] {
+    return patchcore::knn_pruned_cpu(queries, bank, k, basis, bank_screen, basis_rounding, report);
+  });
 }
 
 void check_cpu_float_matrix(const at::Tensor& x, const char* what, const char* name) {
@@ -133,7 +155,7 @@ at::Tensor fixed_order_projection(const at::Tensor& features, const at::Tensor& 
   check_cpu_float_matrix(features, "fixed_order_projection", "features");
   check_cpu_float_matrix(weights, "fixed_order_projection", "weights");
   TORCH_CHECK_VALUE(features.size(1) == weights.size(1), "fixed_order_projection: features [N, D], weights [P, D]");
-  return patchcore::fixed_order_projection_cpu(features, weights);
+  return without_gil([&] { return patchcore::fixed_order_projection_cpu(features, weights); });
 }
 
 at::Tensor mean_distances(const at::Tensor& space, const at::Tensor& centres) {
@@ -141,7 +163,7 @@ at::Tensor mean_distances(const at::Tensor& space, const at::Tensor& centres) {
   check_cpu_float_matrix(centres, "mean_distances", "centres");
   TORCH_CHECK_VALUE(space.size(1) == centres.size(1) && centres.size(0) >= 1,
                     "mean_distances: space [N, D], centres [S >= 1, D]");
-  return patchcore::mean_distances_cpu(space, centres);
+  return without_gil([&] { return patchcore::mean_distances_cpu(space, centres); });
 }
 
 std::tuple<double, int64_t> coreset_step(const at::Tensor& space, at::Tensor min_distance,

@@ -60,58 +60,48 @@ def training_images(root: Path, category: str | None) -> tuple[list[Path], int]:
 
 
 def cmd_fit(args) -> None:
+    from .decision import check_quantile
     from .model import PatchCore
 
+    # Every argument and path is checked before any work: a typo must not throw a fit away.
     out = _writable_file(Path(args.out))
     if args.calibrate_defects and not args.calibrate:
         raise ValueError("--calibrate-defects needs --calibrate GOOD_FOLDER as well")
+    try:
+        check_quantile(args.quantile)
+    except ValueError as error:
+        raise ValueError(f"--quantile: {error}") from None
     images, ignored = training_images(args.root, args.category)
+    calibration = training_images(args.calibrate, None)[0] if args.calibrate else None
+    defective = training_images(args.calibrate_defects, None)[0] if args.calibrate_defects else None
     model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args))
     print(f"fitting {len(images)} images ({model.transform.describe()})"
           + (f"; {ignored} other file(s) left alone" if ignored else ""))
     model.fit(images)
-    if args.calibrate:
-        calibration, _ = training_images(args.calibrate, None)
-        defective = training_images(args.calibrate_defects, None)[0] if args.calibrate_defects else None
+    if calibration is not None:
         model.calibrate(calibration, args.quantile, defective)
-        print(f"threshold {model.bank.threshold:.6g}: {model.bank.threshold_source}")
+        print(f"threshold {model.bank.decision.threshold:.6g}: {model.bank.decision.threshold_source}")
     model.save(out)  # under torchrun: rank 0 writes the whole bank
+    if not model.workers.is_main:
+        return
     print(f"saved {out}: memory bank ({len(model.bank)}, {model.config.embed_dim}), {model.config.backbone.name}, "
           f"framing {model.config.framing}")
 
 
 def cmd_predict(args) -> None:
-    from .data import ImageReadError, TestImage, image_files, load_mask, mvtec_mask_path, open_image
+    from .data import TestImage, image_paths, load_mask, mvtec_mask_path
     from .model import PatchCore
     from .overlay import save_overlays, save_overlays_on_originals
 
     out = _writable_folder(Path(args.out))
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"no model file {args.model}")
+    paths = image_paths(args.images)
     model = PatchCore.load(args.model, device=args.device, progress=not args.quiet,
                            skip_bad_images=args.skip_bad_images, batch_size=args.batch_size)
-    paths = []
-    for item in args.images:
-        p = Path(item)
-        if p.is_dir():
-            paths += image_files(p)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    if args.skip_bad_images:  # find them first, so that scores, overlays and paths stay aligned
-        readable = []
-        for path in paths:
-            try:
-                open_image(path)
-                readable.append(path)
-            except ImageReadError as error:
-                warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=1)
-        paths = readable
-    if not paths:
-        raise ValueError("no images to score")
     pred = model.predict(paths, on_original=args.overlays == "original")
-    from . import distributed
-
-    if not distributed.is_main():  # every rank has the results; rank 0 writes them
+    paths = [Path(p) for p in pred.sources]  # the files scored: unreadable ones skipped (--skip-bad-images)
+    if not model.workers.is_main:  # every rank has the results; rank 0 writes them
         return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="") as f:
@@ -125,7 +115,7 @@ def cmd_predict(args) -> None:
             for path, score, norm, flag in zip(paths, pred.scores.tolist(), pred.normalized.tolist(),
                                                pred.is_anomalous.tolist()):
                 writer.writerow([str(path), f"{score:.6f}", f"{norm:.6f}", int(flag)])
-    scale = model.bank.colour_scale()
+    scale = model.bank.decision.colour_scale()
     if scale is None:  # a model fitted from pooled features: no good-image scores to set a scale
         scale = float(pred.maps.min()), float(pred.maps.max())
         print("this model has no fixed colour scale (fitted from pooled features): overlays use this run's range")
@@ -145,7 +135,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .data import image_files
+    from .data import image_paths
     from .export import check_onnx, export
     from .model import PatchCore
 
@@ -160,7 +150,7 @@ def cmd_export(args) -> None:
             raise ValueError("--check runs onnxruntime: use it with --format onnx")
         images = []
         for item in args.check:
-            images += image_files(Path(item)) if Path(item).is_dir() else [Path(item)]
+            images += image_paths([item])
         relative = check_onnx(model, out, images)
         print(f"onnxruntime vs predict on {len(images)} images: image scores within {relative:.2e} (relative)")
 
@@ -308,6 +298,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # every long step stops within about a second; files are written atomically
         print(f"\n{_program()}: interrupted", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError as error:  # a condition of this machine, not a bug
+        if args.debug:
+            raise
+        print(f"{_program()}: error: out of memory ({str(error).splitlines()[0]}): try a smaller --batch-size, "
+              "or --device cpu", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, OSError, UserError) as error:
         # Bad input, files or setup: one line, exit code 2 (--debug shows where).
         if args.debug:

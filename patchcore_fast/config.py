@@ -2,7 +2,8 @@
 
 A fitted model's config is saved with its memory bank and rebuilt from the file, so a model
 scores after loading exactly as it did when fitted. Run-time choices that do not change a
-result (device, batch size, progress bars) are not part of it.
+result (device, batch size, progress bars, the CUDA kernel variants, whether the CPU search is
+pruned) are `PatchCore` arguments, not part of it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
+
+import torch
 
 from .backbones import BackboneSpec
 from .coreset import CUDA_KERNELS as CORESET_CUDA_KERNELS
@@ -33,9 +36,6 @@ class PatchCoreConfig:
     reweight: bool = False        # the paper's Eq. 7
     reweight_neighbors: int = 9
     seed: int = 0                 # coreset projection and start
-    coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL
-    knn_cuda_kernel: str = DEFAULT_KNN_KERNEL
-    pruned_search: bool = True    # build a SearchIndex at fit time; used on the CPU where it pays
 
     def __post_init__(self):
         ratio = self.coreset_ratio
@@ -51,12 +51,6 @@ class PatchCoreConfig:
             raise ValueError(f"framing must be one of {FRAMINGS}, got {self.framing!r}")
         if self.framing == "center_crop" and self.resize < self.image_size:
             raise ValueError(f"need image_size <= resize, got image_size={self.image_size}, resize={self.resize}")
-        if self.coreset_cuda_kernel not in CORESET_CUDA_KERNELS:
-            raise ValueError(f"coreset_cuda_kernel must be one of {CORESET_CUDA_KERNELS}, got {self.coreset_cuda_kernel!r}")
-        if not isinstance(self.pruned_search, bool):
-            raise ValueError(f"pruned_search must be True or False, got {self.pruned_search!r}")
-        if self.knn_cuda_kernel not in KNN_CUDA_KERNELS:
-            raise ValueError(f"knn_cuda_kernel must be one of {KNN_CUDA_KERNELS}, got {self.knn_cuda_kernel!r}")
 
     @property
     def transform(self) -> Transform:
@@ -70,8 +64,36 @@ class PatchCoreConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PatchCoreConfig":
+        """The config `to_dict` wrote: every field present (a file of an older format is migrated
+        first, see model_file.py), none unknown."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model settings {unknown}: written by a newer patchcore_fast?")
+        missing = sorted(known - set(d))
+        if missing:
+            raise ValueError(f"model settings {missing} missing")
         return cls(**{**d, "backbone": BackboneSpec.from_dict(d["backbone"])})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a model runs, without changing any result; not saved with it."""
+
+    device: torch.device = torch.device("cpu")
+    batch_size: int = 16          # images per backbone batch
+    progress: bool = True         # progress bars
+    skip_bad_images: bool = False  # unreadable image files skipped with a warning instead of an error
+    coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL  # CUDA variants: the same results (coreset.CUDA_KERNELS)
+    knn_cuda_kernel: str = DEFAULT_KNN_KERNEL
+    pruned_search: bool = True    # build a PrunedIndex when fitting on the CPU; used where it pays
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.coreset_cuda_kernel not in CORESET_CUDA_KERNELS:
+            raise ValueError(f"coreset_cuda_kernel must be one of {CORESET_CUDA_KERNELS}, got {self.coreset_cuda_kernel!r}")
+        if self.knn_cuda_kernel not in KNN_CUDA_KERNELS:
+            raise ValueError(f"knn_cuda_kernel must be one of {KNN_CUDA_KERNELS}, got {self.knn_cuda_kernel!r}")
+        if not isinstance(self.pruned_search, bool):
+            raise ValueError(f"pruned_search must be True or False, got {self.pruned_search!r}")

@@ -178,9 +178,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def open_image(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large but allowed: fine
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"cannot read image {path}: it has more pixels than Pillow's safety limit of "
+                             f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels (a guard against decompression bombs); "
+                             "if the file is trusted, reduce it first") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
 
@@ -203,6 +209,26 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def image_paths(items) -> list[Path]:
+    """The image files named by `items` (files and folders, in order; a folder gives its image
+    files, sorted, without reading subfolders): the one path expansion of the command line."""
+    paths = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files = image_files(path)
+            if not files:
+                subfolders = sum(1 for p in path.iterdir() if p.is_dir())
+                raise ValueError(f"folder {path} holds no image files" + (
+                    f" (its {subfolders} subfolder(s) are not searched: name them)" if subfolders else ""))
+            paths += files
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return paths
+
+
 def expand_images(data) -> list:
     """The items `data` names: a folder's image files, one file, one PIL image, or the list given."""
     if isinstance(data, (str, Path)):
@@ -220,28 +246,37 @@ def expand_images(data) -> list:
     return list(data)
 
 
-def iter_batches(data, transform: Transform, batch_size: int, skip_bad: bool = False) -> Iterator[torch.Tensor]:
-    """Batches [b, 3, S, S] from a folder, a file, a list of paths or PIL images, a tensor batch,
-    or an iterable of tensors / (tensor, ...) tuples / {"image": tensor} dicts (a DataLoader).
-    Unreadable files raise ImageReadError naming the file, or are skipped with a warning when
-    `skip_bad`."""
-    if isinstance(data, torch.Tensor):
-        batch = transform.tensor(data)
-        for start in range(0, len(batch), batch_size):
-            yield batch[start : start + batch_size]
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor | None  # [b, 3, S, S] in [0, 1], as the model sees them
+    sizes: list                  # each image's (width, height) as read (EXIF orientation applied)
+    sources: list                # each image's file path, or its position among in-memory images
+
+
+def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bool = False) -> Iterator[Batch]:
+    """Batches from a folder, a file, a list of paths or PIL images, a tensor batch, or an iterable
+    of tensors / (tensor, ...) tuples / {"image": tensor} dicts (a DataLoader), each image decoded
+    once. Unreadable files raise ImageReadError naming the file, or are skipped with a warning
+    when `skip_bad` (and are then in no batch)."""
+    position = 0
+    if isinstance(data, torch.Tensor) or not isinstance(data, (str, Path, Image.Image, list, tuple)):
+        items = [data] if isinstance(data, torch.Tensor) else (_loader_tensor(item) for item in data)
+        for item in items:
+            size = (int(item.shape[-1]), int(item.shape[-2]))
+            batch = transform.tensor(item)
+            for start in range(0, len(batch), batch_size):
+                part = batch[start : start + batch_size]
+                yield Batch(part, [size] * len(part), list(range(position, position + len(part))))
+                position += len(part)
         return
-    if not isinstance(data, (str, Path, Image.Image, list, tuple)):  # a DataLoader or other iterable
-        for item in data:
-            if isinstance(item, dict):
-                item = item["image"]
-            elif isinstance(item, (tuple, list)):
-                item = item[0]
-            yield transform.tensor(item)
-        return
-    pending: list[torch.Tensor] = []
+    pending, sizes, sources = [], [], []
     for item in expand_images(data):
         if isinstance(item, torch.Tensor):
-            pending.extend(transform.tensor(item))
+            framed = transform.tensor(item)
+            pending.extend(framed)
+            sizes += [(int(item.shape[-1]), int(item.shape[-2]))] * len(framed)
+            sources += list(range(position, position + len(framed)))
+            position += len(framed)
         else:
             try:
                 img = item if isinstance(item, Image.Image) else open_image(Path(item))
@@ -251,11 +286,34 @@ def iter_batches(data, transform: Transform, batch_size: int, skip_bad: bool = F
                 warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
                 continue
             pending.append(transform.image(img))
+            sizes.append(oriented_size(img))
+            sources.append(position if isinstance(item, Image.Image) else Path(item))
+            position += 1
         while len(pending) >= batch_size:
-            yield torch.stack(pending[:batch_size])
-            pending = pending[batch_size:]
+            yield Batch(torch.stack(pending[:batch_size]), sizes[:batch_size], sources[:batch_size])
+            pending, sizes, sources = pending[batch_size:], sizes[batch_size:], sources[batch_size:]
     if pending:
-        yield torch.stack(pending)
+        yield Batch(torch.stack(pending), sizes, sources)
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation (a quarter turn swaps them), without a copy."""
+    turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (img.size[1], img.size[0]) if turned else img.size
+
+
+def _loader_tensor(item) -> torch.Tensor:
+    if isinstance(item, dict):
+        item = item["image"]
+    elif isinstance(item, (tuple, list)):
+        item = item[0]
+    return item
+
+
+def iter_batches(data, transform: Transform, batch_size: int, skip_bad: bool = False) -> Iterator[torch.Tensor]:
+    """The image tensors [b, 3, S, S] of iter_image_batches."""
+    for batch in iter_image_batches(data, transform, batch_size, skip_bad):
+        yield batch.images
 
 
 def count_images(data) -> int | None:

@@ -10,9 +10,8 @@ the single-process feature matrix and a row's global index is its rank's offset 
   rank's best (distance, global index, row); the highest distance wins, the lower index on ties.
 - `search(queries, local_bank, local_ids, k)`: every rank searches its shard, the per-query lists
   are gathered and merged by (distance, global bank index): exactly `knn` on the whole bank.
-- `ShardedBank`: a MemoryBank whose rows are spread over the ranks; `PatchCore` uses it when fitted
-  or loaded inside a process group (see model.py). It is saved as one ordinary model file written by
-  rank 0, so that it loads anywhere (one process, or any number of ranks).
+- The sharded bank itself is `index.sharded.ShardedIndex`; `workers.ProcessGroup` wires these into a
+  fit, a prediction and a save (one ordinary model file written by rank 0, loadable anywhere).
 
 Every collective waits at most PATCHCORE_DIST_TIMEOUT seconds (default 600) for the other ranks;
 a rank that died or hangs makes the others fail with DistributedError naming the step.
@@ -22,11 +21,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import datetime
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,7 +33,6 @@ from ._extension import _C, compiled
 from .coreset import coreset_size, mean_start_distances, project, projection_weights, start_rows
 from .errors import UserError
 from .knn import knn
-from .memory_bank import MemoryBank
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -218,19 +214,20 @@ def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: i
 
 # ---------------------------------------------------------------------------------------- search
 @torch.no_grad()
-def search(queries: torch.Tensor, local_bank: torch.Tensor, local_ids: torch.Tensor, k: int, total: int,
-           local_search=None):
+def search(queries: torch.Tensor, local, local_ids: torch.Tensor, k: int, total: int):
     """(squared distances [Q, k], global bank indices [Q, k]) on every rank: each rank searches its
-    shard (`local_bank` rows with global indices `local_ids`, ascending), the lists are gathered and
-    merged by (distance, index): exactly `knn(queries, whole bank, k)`. `queries` must be the same on
-    every rank; `local_search(queries, bank, k)` replaces `knn` for the shard (same contract)."""
+    shard (`local`: its rows [m, D], searched with knn, or anything with `search(queries, k)` and
+    `vectors`, or None for no rows; their global indices `local_ids`, ascending), the lists are
+    gathered and merged by (distance, index): exactly `knn(queries, whole bank, k)`. `queries` must
+    be the same on every rank."""
     k = _checks.integer(k, "k", 1, total)
     q = queries.shape[0]
-    local_k = min(k, len(local_bank))
+    rows = 0 if local is None else len(local) if isinstance(local, torch.Tensor) else len(local.vectors)
+    local_k = min(k, rows)
     distances = torch.full((q, k), math.inf, device=queries.device)
     indices = torch.full((q, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=queries.device)
     if local_k > 0:
-        d, i = (local_search or knn)(queries, local_bank, local_k)
+        d, i = knn(queries, local, local_k) if isinstance(local, torch.Tensor) else local.search(queries, local_k)
         distances[:, :local_k] = d
         indices[:, :local_k] = local_ids.to(i.device)[i]
     all_d = torch.cat(all_gather(distances, "merging search results"), dim=1)
@@ -239,87 +236,3 @@ def search(queries: torch.Tensor, local_bank: torch.Tensor, local_ids: torch.Ten
     all_d, all_i = all_d.gather(1, order), all_i.gather(1, order)
     order = torch.argsort(all_d, dim=1, stable=True)[:, :k]
     return all_d.gather(1, order), all_i.gather(1, order)
-
-
-@dataclass(frozen=True)
-class ShardedBank(MemoryBank):
-    """A memory bank spread over the ranks: `features` holds this rank's rows, `ids` their global
-    bank indices (ascending), `total` the whole bank's size. Searches, row lookups and saving are
-    collectives: every rank must call them together."""
-
-    ids: torch.Tensor = None  # type: ignore[assignment]
-    total: int = 0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.ids is None or len(self.ids) != len(self.features):
-            raise ValueError("a sharded bank needs the global index of each of its rows")
-
-    def __len__(self) -> int:
-        return self.total
-
-    @classmethod
-    def from_bank(cls, bank: MemoryBank) -> "ShardedBank":
-        """This rank's contiguous share of a whole bank (e.g. one loaded from a file)."""
-        start, stop = shard(len(bank))
-        fields = {f.name: getattr(bank, f.name) for f in dataclasses.fields(MemoryBank)}
-        fields.update(features=bank.features[start:stop].contiguous(), index=None)
-        return cls(**fields, ids=torch.arange(start, stop), total=len(bank))
-
-    def to(self, device) -> "ShardedBank":
-        return dataclasses.replace(self, features=self.features.to(device))
-
-    def without(self, keep: torch.Tensor) -> "ShardedBank":
-        """The bank restricted to this rank's rows where `keep` (a local mask); global indices are
-        kept (still ascending), so distances and their order are those of the restricted whole bank."""
-        sizes = row_counts(int(keep.sum()), "restricting the bank")
-        return dataclasses.replace(self, features=self.features[keep].contiguous(), ids=self.ids[keep],
-                                   total=sum(sizes))
-
-    def search(self, queries: torch.Tensor, k: int):
-        return search(queries, self.features, self.ids, k, self.total)
-
-    def rows(self, indices: torch.Tensor) -> torch.Tensor:
-        """Bank rows `indices` (global, the same on every rank), each from the rank that holds it."""
-        flat = indices.reshape(-1).cpu()
-        position = {g: i for i, g in enumerate(self.ids.tolist())}
-        holders = torch.tensor([dist.get_rank() if g in position else -1 for g in flat.tolist()], dtype=torch.int64)
-        holders = torch.stack(all_gather(holders, "looking up bank rows")).max(0).values
-        if bool((holders < 0).any()):
-            raise IndexError(f"bank rows {flat[holders < 0].tolist()[:5]} are outside the bank of {self.total}")
-        out = torch.zeros(len(flat), self.features.shape[1])
-        for source in sorted(set(holders.tolist())):
-            where = holders == source
-            if source == dist.get_rank():
-                part = self.features[[position[g] for g in flat[where].tolist()]].cpu()
-            else:
-                part = out[where]
-            out[where] = broadcast(part, source, "looking up bank rows")
-        return out.reshape(*indices.shape, -1).to(self.features.device)
-
-    def whole(self) -> MemoryBank:
-        """The whole bank as one MemoryBank, on every rank (rows gathered in global order)."""
-        rows = all_gather_rows(self.features.cpu(), "gathering the bank")
-        ids = all_gather_rows(self.ids.cpu(), "gathering the bank")
-        features = torch.empty_like(rows)
-        features[ids] = rows
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(MemoryBank)}
-        fields.update(features=features, index=None)
-        return MemoryBank(**fields)
-
-    def save(self, path) -> None:
-        """Rank 0 writes the whole bank as one ordinary model file (atomically: a temporary file
-        replaces `path` when complete); the other ranks wait for it. A rank that fails before the
-        write leaves no file."""
-        bank = self.whole()
-        error = None
-        if dist.get_rank() == 0:
-            try:
-                bank.save(path)
-            except Exception as e:  # report it on every rank, not only here
-                error = e
-        failed = all_gather(torch.tensor([error is not None]), "saving the model")
-        if error is not None:
-            raise error
-        if any(bool(f) for f in failed):
-            raise DistributedError(f"rank 0 could not write {path}")

@@ -12,13 +12,14 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .data import MVTecCategory, load_mask
+from .decision import quantile_threshold
 from .model import PatchCore
 from .overlay import save_overlays
 
 METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro", "PRO"),
            ("f1", "Image F1 at the calibrated threshold"))
 #: The threshold: this quantile of the validation/good images' scores where the category has them,
-#: else the highest leave-one-out score of the training images (MemoryBank.normal_scores).
+#: else the highest leave-one-out score of the training images (Decision.normal_scores).
 CALIBRATION_QUANTILE = 0.99
 STAGES = ("features", "coreset", "index", "scale", "search", "maps", "metrics")
 
@@ -50,9 +51,10 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
         model.fit_features(train)
         pred = model.score(test)
         start = time.perf_counter()
+        threshold = calibrated_threshold(model, validation)
         row = {"method": method_name(ratio), "category": category,
                "image_auroc": 100 * metrics.auroc(pred.scores, labels),
-               "f1": 100 * f1_score(pred.scores > calibrated_threshold(model, validation), labels)}
+               "f1": math.nan if threshold is None else 100 * f1_score(pred.scores > threshold, labels)}
         if has_defect_masks:
             maps = pred.maps[with_mask]
             gt = torch.stack([masks[i] for i in with_mask])
@@ -71,11 +73,12 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
     return results, timings
 
 
-def calibrated_threshold(model: PatchCore, validation: torch.Tensor | None) -> float:
+def calibrated_threshold(model: PatchCore, validation: torch.Tensor | None) -> float | None:
+    """None when there is nothing to set it from (no validation images, one training image)."""
     if validation is not None:
-        scores = model.score(validation).scores.double()
-        return float(torch.quantile(scores, CALIBRATION_QUANTILE))
-    return float(model.bank.normal_scores.max())
+        return quantile_threshold(model.score(validation).scores, CALIBRATION_QUANTILE)[0]
+    normal = model.bank.decision.normal_scores
+    return None if normal is None else float(normal.max())
 
 
 def f1_score(flagged: torch.Tensor, labels: torch.Tensor) -> float:
@@ -85,7 +88,8 @@ def f1_score(flagged: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def write_overlays(folder: Path, model: PatchCore, data: MVTecCategory, pred, masks) -> None:
-    low, high = model.bank.colour_scale()  # the model's fixed scale: 0 to the highest good-image score
+    # the model's fixed scale: 0 to the highest good-image score; without one, this run's range
+    low, high = model.bank.decision.colour_scale() or (float(pred.maps.min()), float(pred.maps.max()))
     save_overlays(folder, [item.path for item in data.test], [f"{item.defect}_{item.path.stem}.png" for item in data.test],
                   pred.maps, [masks[i] if item.is_anomalous else None for i, item in enumerate(data.test)],
                   model.transform, model.batch_size, low, high, pred.scores)

@@ -1,6 +1,7 @@
 """Export of a fitted model's whole scoring path for deployment: ONNX, or a torch.export program.
 
-The graph takes a [B, 3, S, S] float batch in [0, 1], already resized and cropped as the model's
+The graph is `PatchCore`'s own scoring module (scoring.py) with its index swapped for an in-graph
+one. It takes a [B, 3, S, S] float batch in [0, 1], already resized and cropped as the model's
 Transform does it (`PatchCore.transform`), and returns the image scores [B] and the maps [B, S, S]:
 backbone, patch embedding, the nearest bank distances as one plain matrix product and a min
 (|q|^2 + |b|^2 - 2 q.b, clamped at 0; the k smallest averaged for k > 1), the maps' upsampling and
@@ -10,14 +11,11 @@ against `PatchCore.predict` on the same images.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .anomaly_map import anomaly_maps
-from .embedding import patch_embedding
 from .errors import UserError
 
 FORMATS = ("onnx", "torch")
@@ -25,36 +23,13 @@ FORMATS = ("onnx", "torch")
 SCORE_TOLERANCE = 1e-4
 
 
-class ScoringGraph(nn.Module):
-    """A fitted PatchCore's scoring path as one traceable module (float32, on the CPU)."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        config = model.config
-        bank = model._fitted_bank()
-        if config.reweight:
-            raise UserError("export: models with re-weighting (reweight=True, Eq. 7) are not exported; "
-                            "fit with reweight=False")
-        whole = getattr(bank, "whole", None)
-        features = (whole() if whole is not None else bank).features.float().cpu()
-        self.extractor = copy.deepcopy(model.extractor).float().cpu().eval()
-        self.register_buffer("bank", features.contiguous())
-        self.register_buffer("bank_norm", features.square().sum(dim=1))
-        self.embed_dim = config.embed_dim
-        self.size = config.image_size
-        self.k = min(config.num_neighbors, len(features))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = images.shape[0]
-        features, (height, width) = patch_embedding(self.extractor(images), self.embed_dim)
-        distances = (features.square().sum(dim=1, keepdim=True) + self.bank_norm[None, :]
-                     - 2.0 * features @ self.bank.T).clamp_min(0.0)
-        if self.k == 1:
-            patch = distances.min(dim=1).values
-        else:
-            patch = distances.topk(self.k, dim=1, largest=False).values.mean(dim=1)
-        patch = patch.reshape(batch, height, width)
-        return patch.flatten(1).max(dim=1).values, anomaly_maps(patch, self.size)
+def exportable(model) -> nn.Module:
+    """The model's scoring module as plain float32 torch operators on the CPU (scoring.py: the one
+    predict runs, with its index as a matrix product and a min)."""
+    if model.config.reweight:
+        raise UserError("export: models with re-weighting (reweight=True, Eq. 7) are not exported; "
+                        "fit with reweight=False")
+    return model.scoring_module().exportable()
 
 
 def example_batch(model, batch: int = 2) -> torch.Tensor:
@@ -69,7 +44,7 @@ def export(model, path, fmt: str = "onnx") -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     path = Path(path)
-    graph = ScoringGraph(model).eval()
+    graph = exportable(model)
     example = (example_batch(model),)
     batch = torch.export.Dim("batch", min=1, max=4096)
     if fmt == "torch":

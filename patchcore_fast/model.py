@@ -1,91 +1,46 @@
-"""PatchCore: fit a memory bank on defect-free images, score new images and pixels."""
+"""PatchCore: fit a memory bank on defect-free images, score new images and pixels.
+
+This class only wires the parts together: fit = patch features -> coreset -> index (workers.py
+decides where the rows live); predict = the scoring module (scoring.py) -> the decision
+(decision.py). The file format is model_file.py.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import time
-from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from . import distributed
-from .anomaly_map import anomaly_maps
+from . import decision, devices, model_file, workers
 from .backbones import FeatureExtractor, load_backbone
-from .config import PatchCoreConfig
-from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
-from .coreset import coreset_size, greedy_coreset
-from .data import count_images, expand_images, image_sizes, iter_batches
-from .embedding import patch_embedding
+from .config import PatchCoreConfig, RunOptions
+from .data import count_images, iter_image_batches
 from .errors import UserError
-from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
-from .memory_bank import FORMAT_VERSION, MemoryBank  # noqa: F401  (FORMAT_VERSION: the file format written)
-from .metrics import f1_optimal_threshold
-from .search_index import PROBES, SearchIndex
+from .index import FlatIndex, Index, PrunedIndex
+from .index.pruned import PROBES
+from .memory_bank import MemoryBank
+from .prediction import Prediction
+from .scoring import PatchFeatures, ScoringModule
+from .stages import StageTimes
 
-
-@dataclass
-class Prediction:
-    scores: torch.Tensor  # [B] image anomaly scores
-    maps: torch.Tensor    # [B, image_size, image_size] pixel anomaly scores
-    threshold: float | None = None  # the model's calibrated decision threshold, if it has one
-    #: With predict(..., on_original=True): each map on its own image, [H_i, W_i], NaN where the
-    #: model did not look (outside the centre crop).
-    original_maps: list[torch.Tensor] | None = None
-
-    @property
-    def normalized(self) -> torch.Tensor | None:
-        """Scores over the threshold: 1.0 is the threshold (None for an uncalibrated model)."""
-        return None if self.threshold is None else self.scores / self.threshold
-
-    @property
-    def is_anomalous(self) -> torch.Tensor | None:
-        """Scores above the threshold (None for an uncalibrated model)."""
-        return None if self.threshold is None else self.scores > self.threshold
-
-
-class _StageTimer:
-    """Adds the wall time of a `with` block to timings[stage], waiting for GPU work inside it."""
-
-    def __init__(self, timings, stage, device):
-        self.timings, self.stage, self.device = timings, stage, device
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings[self.stage] += time.perf_counter() - self.start
+RUN_OPTIONS = {f.name for f in dataclasses.fields(RunOptions)}
+FEATURE_FIELDS = {"backbone", "framing", "image_size", "resize", "embed_dim", "half_precision"}
 
 
 class PatchCore:
-    """PatchCore as in the authors' released code (amazon-science/patchcore-inspection).
-
-    Defaults reproduce their setup: WideResNet-50 layers 2 and 3, 1024-d locally aware patch
-    features, a 10 % greedy coreset on a 128-d random projection, nearest-neighbour squared L2
-    scores, image score = largest patch score, maps upsampled and smoothed with sigma 4.
-    `reweight=True` applies the paper's Eq. 7 to image scores (not in the authors' code).
-    `half_precision=True` runs the backbone in bfloat16 (channels_last on CUDA); patch features,
-    the coreset and the scores stay float32.
-
-    State: `config` (PatchCoreConfig, immutable: everything that changes features or scores),
-    `extractor` (the backbone it names) and, once fitted, `bank` (MemoryBank). `backbone` may be
-    a name or an already loaded FeatureExtractor (load_backbone), shared between models.
-    """
+    """PatchCore as in the authors' released code (amazon-science/patchcore-inspection): WideResNet-50
+    layers 2 and 3, 1024-d locally aware patch features, a 10 % greedy coreset on a 128-d random
+    projection, nearest-neighbour squared L2 scores, image score = largest patch score, maps
+    upsampled and smoothed with sigma 4. Settings that change results form `config`
+    (PatchCoreConfig, saved with the model); the others are run-time `options` (RunOptions)."""
 
     def __init__(self, backbone: str | FeatureExtractor = "wide_resnet50_2", layers=None, coreset_ratio: float = 0.1,
-                 framing: str = "whole",
-                 projection_dim: int | None = 128, num_neighbors: int = 1, reweight: bool = False,
-                 image_size: int = 224, resize: int = 256, device=None, weights: str | None = None,
-                 embed_dim: int = 1024, batch_size: int = 16, seed: int = 0, reweight_neighbors: int = 9,
-                 half_precision: bool = False, progress: bool = True, skip_bad_images: bool = False,
-                 coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL, knn_cuda_kernel: str = DEFAULT_KNN_KERNEL,
-                 pruned_search: bool = True):
+                 framing: str = "whole", projection_dim: int | None = 128, num_neighbors: int = 1,
+                 reweight: bool = False, image_size: int = 224, resize: int = 256, device=None,
+                 weights: str | None = None, embed_dim: int = 1024, seed: int = 0, reweight_neighbors: int = 9,
+                 half_precision: bool = False, **run_options):
         if isinstance(backbone, FeatureExtractor):
             if layers is not None or weights is not None:
                 raise ValueError("layers and weights belong to load_backbone when backbone is a loaded FeatureExtractor")
@@ -93,17 +48,14 @@ class PatchCore:
         else:
             extractor = load_backbone(backbone, layers, weights, image_size, seed)
         config = PatchCoreConfig(backbone=extractor.spec, framing=framing, image_size=image_size, resize=resize,
-                                 embed_dim=embed_dim,
-                                 half_precision=bool(half_precision), coreset_ratio=coreset_ratio,
+                                 embed_dim=embed_dim, half_precision=bool(half_precision), coreset_ratio=coreset_ratio,
                                  projection_dim=projection_dim, num_neighbors=num_neighbors, reweight=reweight,
-                                 reweight_neighbors=reweight_neighbors, seed=seed,
-                                 coreset_cuda_kernel=coreset_cuda_kernel, knn_cuda_kernel=knn_cuda_kernel,
-                                 pruned_search=pruned_search)
-        self._setup(config, extractor, device, batch_size, progress, skip_bad_images)
+                                 reweight_neighbors=reweight_neighbors, seed=seed)
+        self._setup(config, extractor, _options(device, run_options))
 
     @classmethod
     def from_config(cls, config: PatchCoreConfig, extractor: FeatureExtractor | None = None, device=None,
-                    batch_size: int = 16, progress: bool = True, skip_bad_images: bool = False) -> "PatchCore":
+                    **run_options) -> "PatchCore":
         """A model for `config`; its backbone is loaded (and its weights' SHA-256 checked) unless given."""
         spec = config.backbone
         if extractor is None:
@@ -112,317 +64,226 @@ class PatchCore:
             what = "weights" if extractor.spec.weights_sha256 != spec.weights_sha256 else "backbone"
             raise ValueError(f"the {what} differ from those the config names: {extractor.spec} vs {spec}")
         model = cls.__new__(cls)
-        model._setup(config, extractor, device, batch_size, progress, skip_bad_images)
+        model._setup(config, extractor, _options(device, run_options))
         return model
 
-    def _setup(self, config, extractor, device, batch_size, progress, skip_bad_images):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.config = config
+    def _setup(self, config: PatchCoreConfig, extractor: FeatureExtractor, options: RunOptions):
+        self.config, self.options = config, options
         self.transform = config.transform
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = batch_size
-        self.progress = progress
-        self.skip_bad_images = skip_bad_images
-        self.extractor = _prepared(extractor, self.device, config.half_precision)
+        self.features = PatchFeatures(_prepared(extractor, options.device, config.half_precision), config.embed_dim,
+                                      config.half_precision, options.device)
+        self.workers = workers.current()
         self.bank: MemoryBank | None = None
         self._grid: tuple[int, int] | None = None
-        #: Seconds spent per stage (features, coreset, search, maps), accumulated over calls.
-        self.timings: dict[str, float] = defaultdict(float)
+        #: Seconds spent per stage (features, coreset, index, scale, search, maps), accumulated over calls.
+        self.timings = StageTimes(options.device)
 
     def with_settings(self, **changes) -> "PatchCore":
-        """An unfitted model with some scoring settings changed (coreset_ratio, projection_dim,
-        num_neighbors, reweight, reweight_neighbors, seed, pruned_search, the CUDA kernels), sharing this one's
+        """An unfitted model with scoring settings or run-time options changed, sharing this one's
         backbone. Settings that change the features need a new model."""
-        feature_fields = {"backbone", "framing", "image_size", "resize", "embed_dim", "half_precision"}
-        if feature_fields & set(changes):
-            raise ValueError(f"{sorted(feature_fields & set(changes))} change the features: build a new PatchCore")
-        model = PatchCore.from_config(self.config.replace(**changes), self.extractor, self.device, self.batch_size,
-                                      self.progress, self.skip_bad_images)
+        if FEATURE_FIELDS & set(changes):
+            raise ValueError(f"{sorted(FEATURE_FIELDS & set(changes))} change the features: build a new PatchCore")
+        options = {k: v for k, v in changes.items() if k in RUN_OPTIONS}
+        config = self.config.replace(**{k: v for k, v in changes.items() if k not in RUN_OPTIONS})
+        model = PatchCore.from_config(config, self.extractor, **{**dataclasses.asdict(self.options), **options})
         model._grid = self._grid
         return model
 
-    @property
-    def memory_bank(self) -> torch.Tensor | None:
-        """The bank's features [M, embed_dim], or None before fitting."""
-        return None if self.bank is None else self.bank.features
+    device = property(lambda self: self.options.device)
+    batch_size = property(lambda self: self.options.batch_size)
+    extractor = property(lambda self: self.features.extractor)
+    memory_bank = property(lambda self: None if self.bank is None else self.bank.features, doc="bank rows [M, D]")
 
     @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (rows, cols) of one image: fixed by the backbone and the image size."""
         if self._grid is None:
-            probe = torch.zeros(1, 3, self.config.image_size, self.config.image_size)
             with torch.no_grad():
-                self.embed(probe)
+                self.embed(torch.zeros(1, 3, self.config.image_size, self.config.image_size))
         return self._grid
+
+    def __repr__(self) -> str:
+        c = self.config
+        state = "not fitted" if self.bank is None else (f"bank {len(self.bank)} x {c.embed_dim} ({type(self.bank.index).__name__}),"
+                                                        f" {self.bank.decision!r}")
+        return (f"PatchCore({c.backbone.name} {list(c.backbone.layers)}, {c.framing} {c.image_size} px, "
+                f"coreset {c.coreset_ratio:g}, k={c.num_neighbors}, on {self.device}; {state})")
 
     # ------------------------------------------------------------------ features
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] in [0, 1] -> patch features [B, h * w, embed_dim] (float32)."""
-        images = images.to(self.device, non_blocking=True)
-        if self.config.half_precision:
-            images = images.to(torch.bfloat16)
-            if self.device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-        features, grid = patch_embedding(self.extractor(images), self.config.embed_dim)
-        self._grid = tuple(grid)
-        return features.reshape(len(images), grid[0] * grid[1], -1)
+        features, self._grid = self.features(images)
+        return features
 
-    def _batches(self, data, desc, total=None):
-        batches = iter_batches(data, self.transform, self.batch_size, self.skip_bad_images)
-        return tqdm(batches, desc=desc, total=None if total is None else -(-total // self.batch_size),
-                    disable=not self.progress, unit="batch")
-
-    def _timed(self, stage: str):
-        return _StageTimer(self.timings, stage, self.device)
+    def _batches(self, data, desc):
+        total = count_images(data)
+        return tqdm(iter_image_batches(data, self.transform, self.batch_size, self.options.skip_bad_images), desc=desc,
+                    total=None if total is None else -(-total // self.batch_size), disable=not self.options.progress,
+                    unit="batch")
 
     @torch.no_grad()
     def extract(self, data, desc: str = "features") -> torch.Tensor:
-        """Patch features [images, patches, embed_dim] of images in any accepted form. When the number
-        of images is known up front, they are written into one preallocated tensor."""
-        total = count_images(data)
-        out, chunks, filled = None, [], 0
-        with self._timed("features"):
-            for batch in self._batches(data, desc, total):
-                features = self.embed(batch)
+        """Patch features [images, patches, embed_dim] of images in any accepted form, written into
+        one preallocated tensor when the number of images is known up front."""
+        total, parts, filled = count_images(data), [], 0
+        with self.timings("features"):
+            for batch in self._batches(data, desc):
+                features = self.embed(batch.images)
+                if total is not None and not parts:
+                    parts.append(torch.empty(total, *features.shape[1:], device=self.device))
                 if total is not None:
-                    if out is None:
-                        out = torch.empty(total, *features.shape[1:], device=self.device)
-                    out[filled : filled + len(features)] = features
+                    parts[0][filled : filled + len(features)] = features
                 else:
-                    chunks.append(features)
+                    parts.append(features)
                 filled += len(features)
         if filled == 0:
             raise ValueError("no images")
-        return out[:filled] if out is not None else torch.cat(chunks)
+        return parts[0][:filled] if total is not None else torch.cat(parts)
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
     def fit(self, data) -> "PatchCore":
         """Build the memory bank from defect-free images (folder, paths, PIL images, tensor, DataLoader).
         Inside a process group (torchrun) each rank embeds its share and the bank is sharded."""
-        if distributed.active():
-            return self.fit_features(self._extract_share(self._share(data, "fit")))
-        return self.fit_features(self.extract(data))
-
-    def _extract_share(self, share) -> torch.Tensor:
-        """Features of this rank's share of the images; none ([0, patches, dim]) for an empty share."""
-        if len(share):
-            return self.extract(share)
-        return torch.empty(0, self.grid[0] * self.grid[1], self.config.embed_dim, device=self.device)
-
-    def _share(self, data, what: str):
-        """This rank's contiguous share of `data`'s images (a list of items or a tensor batch)."""
-        if isinstance(data, torch.Tensor):
-            batch = data[None] if data.dim() == 3 else data
-            start, stop = distributed.shard(len(batch), unit=self.batch_size)
-            return batch[start:stop]
-        if not isinstance(data, (str, Path, list, tuple, Image.Image)):
-            raise UserError(f"under torchrun, {what} takes a folder, a list of images or a tensor batch "
-                            "(each rank takes its share of them)")
-        items = expand_images(data)
-        start, stop = distributed.shard(len(items), unit=self.batch_size)
-        return items[start:stop]
+        share = self.workers.share(data, self.batch_size)
+        empty = isinstance(share, (list, torch.Tensor)) and len(share) == 0  # a rank with no images
+        features = torch.empty(0, self.grid[0] * self.grid[1], self.config.embed_dim) if empty else self.extract(share)
+        return self.fit_features(features)
 
     @torch.no_grad()
     def fit_features(self, features: torch.Tensor) -> "PatchCore":
         """Build the memory bank from patch features [images, patches, dim] (or [rows, dim]) from `extract`."""
-        c = self.config
+        c, grid = self.config, self.grid
         if features.dim() not in (2, 3) or features.shape[-1] != c.embed_dim:
             raise ValueError(f"features must be [images, patches, {c.embed_dim}] or [rows, {c.embed_dim}], "
                              f"got {tuple(features.shape)}")
-        if features.dim() == 3 and features.shape[1] != self.grid[0] * self.grid[1]:
+        if features.dim() == 3 and features.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"features have {features.shape[1]} patches per image; this model's images give "
-                             f"{self.grid[0]} x {self.grid[1]}")
-        per_image = features if features.dim() == 3 else None
-        features = features.reshape(-1, features.shape[-1])
-        sharded = distributed.active()  # `features` are this rank's share; picks are global rows
-        counts = distributed.row_counts(len(features), "counting rows") if sharded else [len(features)]
-        size = coreset_size(sum(counts), c.coreset_ratio)
-        with self._timed("coreset"), tqdm(total=size, desc="coreset", unit="pick", disable=not self.progress) as bar:
-            if sharded:
-                picks = distributed.greedy_coreset(features.cpu(), c.coreset_ratio, projection_dim=c.projection_dim,
-                                                   seed=c.seed, progress=lambda done: bar.update(done - bar.n))
-            else:
-                picks = greedy_coreset(features, c.coreset_ratio, projection_dim=c.projection_dim, seed=c.seed,
-                                       cuda_kernel=c.coreset_cuda_kernel, progress=lambda done: bar.update(done - bar.n))
-            bar.update(size - bar.n)
-        if sharded:
-            offset = sum(counts[: distributed.rank_and_size()[0]])
-            ids = ((picks >= offset) & (picks < offset + len(features))).nonzero().flatten()
-            bank = distributed.ShardedBank(features[(picks[ids] - offset).to(features.device)].contiguous(), self.grid,
-                                           c, ids=ids, total=len(picks))
-        else:
-            bank = MemoryBank(features[picks].contiguous(), self.grid, c)
-        if c.pruned_search and bank.features.device.type == "cpu" and not sharded:
-            with self._timed("index"):
-                bank = dataclasses.replace(bank, index=SearchIndex.build(bank.features, self._probes(features, picks)))
-        if per_image is not None:
-            with self._timed("scale"):
-                bank = dataclasses.replace(bank, normal_scores=self._normal_scores(per_image, picks, bank))
-        self.bank = bank
+                             f"{grid[0]} x {grid[1]}")
+        rows = features.reshape(-1, c.embed_dim)
+        size = int(self.workers.total(len(rows), "counting rows") * c.coreset_ratio)
+        with self.timings("coreset"), tqdm(total=size, desc="coreset", unit="pick",
+                                           disable=not self.options.progress) as bar:
+            picks = self.workers.coreset(rows, c.coreset_ratio, c.projection_dim, c.seed,
+                                         self.options.coreset_cuda_kernel, lambda done: bar.update(done - bar.n))
+            bar.update(len(picks) - bar.n)
+        with self.timings("index"):
+            index = self.workers.index(rows, picks, self._build_index).to(self.device)
+        scoring = self.scoring_module(index)
+        normal = None
+        if features.dim() == 3:  # the colour scale: training images scored without their own rows
+            with self.timings("scale"):
+                sample = decision.normal_sample(self.workers.total(len(features), "counting images"), c.seed)
+                normal = decision.leave_one_out_scores(
+                    sample, lambda i: self.workers.image_features(features, i), picks.cpu() // features.shape[1],
+                    index, lambda f, idx: scoring.patch_scores(f.to(self.device), idx)[0])
+        self.bank = MemoryBank(index, grid, c, decision.Decision(normal))
         return self
 
-    def _probes(self, features: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
-        """Training patches the coreset left out, a seeded sample: queries like the ones to come, on
-        which the search index measures whether pruning pays."""
-        left_out = torch.ones(len(features), dtype=torch.bool, device=features.device)
-        left_out[picks] = False
-        rows = left_out.nonzero().flatten()
-        if len(rows) == 0:
-            return features
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.config.seed))[:PROBES]
-        return features[rows[order.to(rows.device)]]
+    def _build_index(self, bank_rows: torch.Tensor, rows: torch.Tensor, picks: torch.Tensor) -> Index:
+        """The index of one process's bank: pruned on the CPU (if asked; it measures on training
+        patches the coreset left out whether pruning pays), flat elsewhere, on the model's device."""
+        if not (self.options.pruned_search and self.device.type == "cpu"):
+            return FlatIndex(bank_rows.to(self.device), self.options.knn_cuda_kernel)
+        left_out = torch.ones(len(rows), dtype=torch.bool)
+        left_out[picks.cpu()] = False
+        candidates = left_out.nonzero().flatten()
+        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(self.config.seed))[:PROBES]
+        probes = rows.cpu()[candidates[order]] if len(candidates) else rows.cpu()
+        return PrunedIndex.build(bank_rows.cpu(), probes)
 
-    #: Training images scored without their own patches to set the heat maps' colour scale.
-    NORMAL_SAMPLE = 8
-
-    def _normal_scores(self, per_image: torch.Tensor, picks: torch.Tensor, bank: MemoryBank) -> torch.Tensor | None:
-        """Image scores of a seeded sample of training images, each against the bank without the
-        rows picked from it: how a good image the model has not seen scores."""
-        images, patches = per_image.shape[:2]
-        sharded = isinstance(bank, distributed.ShardedBank)
-        counts = distributed.row_counts(images, "counting images") if sharded else [images]
-        if sum(counts) < 2:
-            return None
-        generator = torch.Generator().manual_seed(self.config.seed)
-        sample = torch.randperm(sum(counts), generator=generator)[: self.NORMAL_SAMPLE].tolist()
-        source = (picks // patches).to(bank.features.device)
-        if sharded:
-            source = source[bank.ids.to(source.device)]  # the source image of each row this rank holds
-            first = sum(counts[: distributed.rank_and_size()[0]])
-        scores = []
-        for image in sample:
-            if sharded:  # the image's features from the rank that embedded it
-                owner = next(r for r in range(len(counts)) if sum(counts[:r]) <= image < sum(counts[: r + 1]))
-                mine = owner == distributed.rank_and_size()[0]
-                local = per_image[image - first] if mine else torch.zeros_like(per_image[0])
-                features = distributed.broadcast(local.cpu(), owner, "sharing a training image")
-                others = bank.without(source != image)
-            else:
-                features = per_image[image]
-                others = MemoryBank(bank.features[source != image], bank.grid, bank.config)
-            image_scores, _ = self._score_chunk(others, features[None].to(self.device))
-            scores.append(image_scores.cpu())
-        return torch.cat(scores)
+    def scoring_module(self, index: Index | None = None) -> ScoringModule:
+        """The scoring path (scoring.py) over `index` (default: the fitted bank's)."""
+        if index is None and self.bank is None:
+            raise UserError("fit() or PatchCore.load() first: the model has no memory bank")
+        c = self.config
+        return ScoringModule(self.features, self.bank.index if index is None else index, c.image_size,
+                             c.num_neighbors, c.reweight, c.reweight_neighbors)
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
     def predict(self, data, on_original: bool = False) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts. With
         `on_original`, also each map drawn back on its own image (`Prediction.original_maps`)."""
-        prediction = self._predict(data)
+        scoring = self.scoring_module()
+        batches = self._batches(self.workers.share(data, self.batch_size), "scoring")
+        scores, maps, sizes, sources = [], [], [], []
+        shape = (self.grid[0] * self.grid[1], self.config.embed_dim)
+        for features, batch in self.workers.feature_batches(batches, self._timed_embed, self.batch_size, shape):
+            part = self._score(scoring, features)
+            scores.append(part.scores)
+            maps.append(part.maps)
+            sizes += batch.sizes
+            sources += batch.sources
+        if not scores:
+            raise ValueError("no images to score")
+        prediction = Prediction(torch.cat(scores), torch.cat(maps), self.bank.decision.threshold, sources=sources)
         if on_original:
-            sizes = image_sizes(data)
             prediction.original_maps = [self.transform.to_original(m, w, h) for m, (w, h) in zip(prediction.maps, sizes)]
         return prediction
 
-    def _predict(self, data) -> Prediction:
-        bank = self._fitted_bank()
-        if distributed.active():  # each rank embeds its share; every rank scores every image
-            local = self._extract_share(self._share(data, "predict"))
-            features = distributed.all_gather_rows(local.cpu(), "sharing test features")
-            if len(features) == 0:
-                raise ValueError("no images to score")
-            return self.score(features)
-        parts = []
-        for batch in self._batches(data, "scoring", count_images(data)):
-            with self._timed("features"):
-                features = self.embed(batch)
-            parts.append(self.score(features))
-        if not parts:
-            raise ValueError("no images to score")
-        return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]), self.bank.threshold)
-
-    @torch.no_grad()
-    def calibrate(self, good_images, quantile: float = 0.99, defective_images=None) -> "PatchCore":
-        """Sets the decision threshold, saved with the model: the `quantile` of the scores of
-        defect-free images the model was not fitted on (linear interpolation between order
-        statistics), or, given labelled `defective_images` too, the F1-optimal threshold on both."""
-        bank = self._fitted_bank()
-        if not 0 < quantile <= 1:
-            raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
-        scores = self.predict(good_images).scores.double()
-        if defective_images is not None:
-            defective = self.predict(defective_images).scores.double()
-            labels = torch.cat([torch.zeros(len(scores)), torch.ones(len(defective))])
-            threshold, f1 = f1_optimal_threshold(torch.cat([scores, defective]), labels)
-            source = f"F1-optimal (F1 {f1:.3f}) on {len(scores)} good and {len(defective)} defective images"
-        else:
-            threshold = float(torch.quantile(scores, quantile))
-            source = f"quantile {quantile:g} of {len(scores)} good images"
-        if not threshold > 0:
-            raise ValueError(f"the calibration images give threshold {threshold}: no usable threshold")
-        self.bank = bank.with_threshold(threshold, source)
-        return self
+    def _timed_embed(self, images: torch.Tensor) -> torch.Tensor:
+        with self.timings("features"):
+            return self.embed(images)
 
     @torch.no_grad()
     def score(self, features: torch.Tensor, batch_size: int = 64) -> Prediction:
         """Scores and maps (on the CPU) for patch features [images, patches, dim] from `extract`."""
-        bank = self._fitted_bank()
-        c = self.config
-        scores, maps = [], []
-        for start in range(0, len(features), batch_size):
-            chunk = features[start : start + batch_size].to(self.device)
-            b = len(chunk)
-            with self._timed("search"):
-                image_scores, patch_scores = self._score_chunk(bank, chunk)
-            with self._timed("maps"):
-                maps.append(anomaly_maps(patch_scores.reshape(b, *bank.grid), c.image_size).cpu())
-            scores.append(image_scores.cpu())
-        return Prediction(torch.cat(scores), torch.cat(maps), bank.threshold)
+        scoring = self.scoring_module()
+        parts = [self._score(scoring, features[s : s + batch_size]) for s in range(0, len(features), batch_size)]
+        return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]),
+                          self.bank.decision.threshold)
 
-    def _score_chunk(self, bank: MemoryBank, chunk: torch.Tensor):
-        """(image scores [b], patch scores [b, patches]) of patch features [b, patches, dim]."""
-        c = self.config
-        b, patches, dim = chunk.shape
-        k = min(c.num_neighbors, len(bank))
-        distances, indices = bank.search(chunk.reshape(-1, dim), k)
-        patch_scores = distances.mean(dim=1).reshape(b, patches)  # the authors average over k
-        image_scores, worst = patch_scores.max(dim=1)
-        if c.reweight:
-            rows = torch.arange(b, device=chunk.device)
-            nearest = indices.reshape(b, patches, k)[rows, worst, 0]
-            image_scores = image_scores * self._reweight(bank, chunk[rows, worst], nearest)
-        return image_scores, patch_scores
+    def _score(self, scoring: ScoringModule, features: torch.Tensor) -> Prediction:
+        with self.timings("search"):
+            image_scores, patch_scores = scoring.patch_scores(features.to(self.device))
+        with self.timings("maps"):
+            maps = scoring.maps(patch_scores, self.bank.grid).cpu()
+        return Prediction(image_scores.cpu(), maps)
 
-    def _fitted_bank(self) -> MemoryBank:
-        if self.bank is None:
-            raise UserError("fit() or PatchCore.load() first: the model has no memory bank")
-        return self.bank
-
-    def _reweight(self, bank: MemoryBank, worst_features: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """Eq. 7: 1 - softmax over the L2 distances from the worst patch to the b bank neighbours of its
-        nearest bank entry (that entry first)."""
-        b = min(self.config.reweight_neighbors, len(bank))
-        _, support = bank.search(bank.rows(nearest), b)
-        distances = (worst_features[:, None, :] - bank.rows(support)).norm(dim=-1)
-        return 1.0 - torch.softmax(distances, dim=1)[:, 0]
+    @torch.no_grad()
+    def calibrate(self, good_images, quantile: float = 0.99, defective_images=None) -> "PatchCore":
+        """Sets the decision threshold, saved with the model: the `quantile` of the scores of
+        defect-free images the model was not fitted on, or, given labelled `defective_images` too,
+        the F1-optimal threshold on both (decision.py)."""
+        quantile = decision.check_quantile(quantile)
+        good = self.predict(good_images).scores
+        if defective_images is not None:
+            threshold, source = decision.f1_threshold(good, self.predict(defective_images).scores)
+        else:
+            threshold, source = decision.quantile_threshold(good, quantile)
+        self.bank = self.bank.with_decision(self.bank.decision.with_threshold(threshold, source))
+        return self
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """The memory bank, its grid and the config (backbone identity included) in one file,
-        written atomically (see MemoryBank.save)."""
+        """The bank, its index, grid, decision and config in one file, written atomically (model_file.py)."""
         if self.bank is None:
             raise UserError("nothing to save: fit() first")
-        self.bank.save(path)
+        self.workers.save(path, self.config, self.bank.grid, self.bank.index, self.bank.decision)
 
     @classmethod
-    def load(cls, path, device=None, progress: bool = True, batch_size: int = 16,
-             skip_bad_images: bool = False) -> "PatchCore":
+    def load(cls, path, device=None, **run_options) -> "PatchCore":
         """A fitted model from `save`'s file; refuses changed backbone weights and unknown format versions."""
-        bank = MemoryBank.load(path)
-        spec = bank.config.backbone
-        extractor = load_backbone(spec.name, spec.layers, spec.weights, bank.config.image_size, spec.seed)
+        state = model_file.load(path)
+        spec = state.config.backbone
+        extractor = load_backbone(spec.name, spec.layers, spec.weights, state.config.image_size, spec.seed)
         if spec.weights_sha256 and extractor.spec.weights_sha256 != spec.weights_sha256:
             raise ValueError(f"the backbone weights {spec.weights} differ from those the model in {path} was fitted with")
-        model = cls.from_config(bank.config, extractor, device, batch_size, progress, skip_bad_images)
-        if distributed.active():  # each rank keeps its contiguous share of the bank rows
-            bank = distributed.ShardedBank.from_bank(bank)
-        model.bank = bank.to(model.device)
-        model._grid = bank.grid
+        model = cls.from_config(state.config, extractor, device, **run_options)
+        pruned = model.options.pruned_search and isinstance(state.index, PrunedIndex)
+        index = state.index if pruned else FlatIndex(state.index.vectors, model.options.knn_cuda_kernel)
+        index = model.workers.place(index).to(model.device)
+        model.bank = MemoryBank(index, state.grid, state.config, state.decision)
+        model._grid = state.grid
         return model
+
+
+def _options(device, run_options: dict) -> RunOptions:
+    unknown = sorted(set(run_options) - RUN_OPTIONS - {"device"})
+    if unknown:
+        raise TypeError(f"unknown PatchCore arguments {unknown}; run-time options are {sorted(RUN_OPTIONS)}")
+    return RunOptions(**{**run_options, "device": devices.resolve(device)})
 
 
 def _prepared(extractor: FeatureExtractor, device: torch.device, half_precision: bool) -> FeatureExtractor:
@@ -430,7 +291,7 @@ def _prepared(extractor: FeatureExtractor, device: torch.device, half_precision:
     so that a caller's extractor, perhaps shared with other models, is never changed."""
     dtype = torch.bfloat16 if half_precision else torch.float32
     parameter = next(extractor.parameters(), None)
-    if parameter is not None and parameter.device == device and parameter.dtype == dtype:
+    if parameter is not None and devices.resolve(parameter.device) == device and parameter.dtype == dtype:
         return extractor
     prepared = copy.deepcopy(extractor).to(device=device, dtype=dtype)
     if half_precision and device.type == "cuda":

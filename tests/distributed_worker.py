@@ -81,7 +81,7 @@ def main(scenario: str, out: Path) -> None:
         model.save(out / "model.pcf")
         prediction = model.score(test)
         result.update(scores=prediction.scores, maps=prediction.maps, rows=len(model.bank.features),
-                      normal=model.bank.normal_scores)
+                      normal=model.bank.decision.normal_scores)
     elif scenario == "load":  # the file rank 0 wrote, on any number of ranks
         model = PatchCore.load(out.parent / "model.pcf", device="cpu", progress=False)
         prediction = model.score(patch_features(4, 1))
@@ -105,7 +105,7 @@ def main(scenario: str, out: Path) -> None:
                     os._exit(3)
                 time.sleep(3600)
 
-        features = model.extract(model._share(texture_batch(TRAIN), "fit"))
+        features = model.extract(model.workers.share(texture_batch(TRAIN), model.batch_size))
         local = features.reshape(-1, features.shape[-1])
         distributed.greedy_coreset(local, 0.25, progress=misbehave)
         model.save(out / "model.pcf")  # never reached

@@ -116,8 +116,8 @@ def test_overlays_use_the_models_fixed_scale(dataset, tmp_path):
     model_path = tmp_path / "brick.pcf"
     assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(model_path), *SMALL]) == 0
     model = PatchCore.load(model_path, device="cpu", progress=False)
-    low, high = model.bank.colour_scale()
-    assert low == 0 and high > 0 and len(model.bank.normal_scores) == 4  # all 4 training images, each left out
+    low, high = model.bank.decision.colour_scale()
+    assert low == 0 and high > 0 and len(model.bank.decision.normal_scores) == 4  # all 4 training images, each left out
     good = dataset / "brick" / "test" / "good" / "000.png"
     defect = next((dataset / "brick" / "test").glob("[!g]*/000.png"))
     alone, together = tmp_path / "alone", tmp_path / "together"
@@ -141,15 +141,15 @@ def test_calibrated_threshold_gives_decisions(dataset, tmp_path):
     plain = PatchCore.from_config(model.config, device="cpu", progress=False)
     plain.bank = model.bank  # the same bank: the scores the threshold came from
     expected = float(torch.quantile(plain.predict(sorted(good.iterdir())).scores.double(), 0.5))
-    assert model.bank.threshold == pytest.approx(expected, rel=1e-6)
-    assert model.bank.colour_scale() == (0.0, model.bank.threshold)
+    assert model.bank.decision.threshold == pytest.approx(expected, rel=1e-6)
+    assert model.bank.decision.colour_scale() == (0.0, model.bank.decision.threshold)
     out = tmp_path / "pred"
     defect = next((dataset / "brick" / "test").glob("[!g]*/000.png"))
     assert main(["--quiet", "predict", str(model_path), str(good), str(defect), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert set(rows[0]) == {"path", "score", "normalized_score", "is_anomalous"}
     for row in rows:
-        norm = float(row["score"]) / model.bank.threshold
+        norm = float(row["score"]) / model.bank.decision.threshold
         assert float(row["normalized_score"]) == pytest.approx(norm, rel=1e-5)
         assert row["is_anomalous"] == str(int(norm > 1))
 
@@ -164,12 +164,12 @@ def test_f1_optimal_calibration_from_labelled_folders(dataset, tmp_path):
     assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(model_path), "--calibrate",
                  str(good), "--calibrate-defects", str(defects), *SMALL]) == 0
     model = PatchCore.load(model_path, device="cpu", progress=False)
-    assert model.bank.threshold_source.startswith("F1-optimal")
+    assert model.bank.decision.threshold_source.startswith("F1-optimal")
     plain = PatchCore.from_config(model.config, device="cpu", progress=False)
     plain.bank = model.bank
     scores = torch.cat([plain.predict(sorted(good.iterdir())).scores, plain.predict(sorted(defects.iterdir())).scores])
     labels = torch.cat([torch.zeros(len(list(good.iterdir()))), torch.ones(len(list(defects.iterdir())))])
-    assert model.bank.threshold == pytest.approx(f1_optimal_threshold(scores, labels)[0], rel=1e-6)
+    assert model.bank.decision.threshold == pytest.approx(f1_optimal_threshold(scores, labels)[0], rel=1e-6)
     assert main(["--quiet", "fit", str(dataset), "--category", "brick", "--out", str(tmp_path / "x.pcf"),
                  "--calibrate-defects", str(defects), *SMALL]) == 2  # needs --calibrate too
 

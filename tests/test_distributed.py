@@ -94,7 +94,7 @@ def test_sharded_model_scores_like_one_process_and_saves_one_file(tmp_path):
     results = run_ranks(2, "fit_features", fit_dir)
     for r in results:  # scores, maps and the colour scale on every rank, equal to one process's
         assert torch.equal(r["scores"], expected.scores) and torch.equal(r["maps"], expected.maps)
-        assert torch.equal(r["normal"], model.bank.normal_scores)
+        assert torch.equal(r["normal"], model.bank.decision.normal_scores)
     assert sum(r["rows"] for r in results) == len(model.bank)
     # the file rank 0 wrote: the whole bank, loadable in one process ...
     loaded = PatchCore.load(fit_dir / "model.pcf", device="cpu", progress=False)
@@ -171,7 +171,7 @@ def test_cli_fit_and_predict_under_torchrun_match_one_process(tmp_path):
     assert "distributed: 2 ranks (gloo)" in out and out.count("saved") == 1
     a = PatchCore.load(tmp_path / "one.pcf", progress=False).bank
     b = PatchCore.load(tmp_path / "two.pcf", progress=False).bank
-    assert torch.equal(a.features, b.features) and torch.equal(a.normal_scores, b.normal_scores)
+    assert torch.equal(a.features, b.features) and torch.equal(a.decision.normal_scores, b.decision.normal_scores)
     two[-1] = str(free_port())
     cli(one, "predict", str(tmp_path / "one.pcf"), str(test), "--out", str(tmp_path / "p1"), "--quiet", "--batch-size", "2")
     cli(two, "predict", str(tmp_path / "two.pcf"), str(test), "--out", str(tmp_path / "p2"), "--quiet", "--batch-size", "2")

@@ -20,7 +20,8 @@ from patchcore_fast import PatchCore
 from patchcore_fast.backbones import load_backbone
 from patchcore_fast.cli import main
 from patchcore_fast.config import PatchCoreConfig
-from patchcore_fast.memory_bank import FORMAT_VERSION, MemoryBank
+from patchcore_fast import model_file
+from patchcore_fast.model_file import FORMAT_VERSION
 from patchcore_fast.reference import greedy_coreset_reference, knn_reference
 
 from conftest import DEVICES
@@ -161,8 +162,10 @@ def test_config_is_immutable_and_complete(lite0):
 def test_two_models_choose_their_kernels_independently(lite0):
     a = small_model(lite0, coreset_cuda_kernel="resident", knn_cuda_kernel="warp32x64")
     b = small_model(lite0)
-    assert (a.config.coreset_cuda_kernel, a.config.knn_cuda_kernel) == ("resident", "warp32x64")
-    assert (b.config.coreset_cuda_kernel, b.config.knn_cuda_kernel) == ("cached", "warp16x128")
+    assert (a.options.coreset_cuda_kernel, a.options.knn_cuda_kernel) == ("resident", "warp32x64")
+    assert (b.options.coreset_cuda_kernel, b.options.knn_cuda_kernel) == ("cached", "warp16x128")
+    assert a.config == b.config  # run-time choices: not part of what the model file keeps
+    assert a.with_settings(coreset_ratio=0.2).options.knn_cuda_kernel == "warp32x64"
 
 
 def test_format_version_1_files_still_load(lite0, tmp_path):
@@ -186,7 +189,7 @@ def test_format_version_1_files_still_load(lite0, tmp_path):
     loaded = PatchCore.load(path, device="cpu", progress=False)
     assert loaded.config == model.config
     assert torch.equal(loaded.predict(texture_batch(range(10, 13))).scores, pred.scores)
-    assert FORMAT_VERSION == 2 and MemoryBank.load(path).grid == (8, 8)
+    assert FORMAT_VERSION == 3 and model_file.load(path).grid == (8, 8)
 
 
 # --- the command line -----------------------------------------------------------------------------

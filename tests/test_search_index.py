@@ -1,4 +1,4 @@
-"""SearchIndex (pruned exact search) against knn: the same floats and indices on every CPU path,
+"""PrunedIndex (pruned exact search) against knn: the same floats and indices on every CPU path,
 on awkward sizes and adversarial data, and a build-time decision that refuses random data."""
 
 import math
@@ -8,7 +8,7 @@ import torch
 
 from patchcore_fast import knn
 from patchcore_fast._extension import _C, compiled
-from patchcore_fast.search_index import SearchIndex
+from patchcore_fast.index import PrunedIndex
 
 from conftest import CPU_PATHS, clustered_rows, integer_rows, use_kernel
 
@@ -27,7 +27,7 @@ def pruned(queries, bank, k, index):
 
 
 def assert_same_as_knn(queries, bank, k, index=None, rank=None):
-    index = index or SearchIndex.build(bank, rank=rank)
+    index = index or PrunedIndex.build(bank, rank=rank)
     d, i, share = pruned(queries, bank, k, index)
     kd, ki = knn(queries, bank, k)
     assert torch.equal(i, ki), f"indices differ in {(i != ki).any(1).sum()} queries"
@@ -63,7 +63,7 @@ def test_float_data_identical_to_knn_and_to_float64_up_to_near_ties(cpu_path, k)
     share = assert_same_as_knn(q, bank, k, rank=16)
     assert share < 0.5  # structured data: most of the bank is never computed
     exact = torch.cdist(q.double(), bank.double()).square()
-    _, i = pruned(q, bank, k, SearchIndex.build(bank, rank=16))[:2]
+    _, i = pruned(q, bank, k, PrunedIndex.build(bank, rank=16))[:2]
     top = exact.topk(k, largest=False)
     differ = (i != top.indices).any(1)
     # where the indices differ, the float64 distances lie within float32 rounding of each other
@@ -88,7 +88,7 @@ def test_rows_that_differ_only_outside_the_screened_directions(cpu_path):
     g = torch.Generator().manual_seed(3)
     dim, rank = 64, 4
     bank = low_rank_rows(600, dim, rank, g, noise=0.0)
-    index = SearchIndex.build(bank, rank=rank)  # the subspace holds everything: residuals ~0
+    index = PrunedIndex.build(bank, rank=rank)  # the subspace holds everything: residuals ~0
     outside = torch.randn(dim, generator=g)
     outside -= index.basis.T.double().float() @ (index.basis @ outside)
     outside /= outside.norm()
@@ -130,15 +130,15 @@ def test_bank_larger_than_one_screened_chunk():
 def test_decides_against_pruning_random_data_and_for_structured_data():
     g = torch.Generator().manual_seed(7)
     gaussian = torch.randn(3000, 512, generator=g)
-    index = SearchIndex.build(gaussian, torch.randn(500, 512, generator=g))
+    index = PrunedIndex.build(gaussian, torch.randn(500, 512, generator=g))
     assert not index.pays and index.probe_share > 0.5
     structured = low_rank_rows(3000, 512, 16, g)
-    index = SearchIndex.build(structured, low_rank_rows(500, 512, 16, g))
+    index = PrunedIndex.build(structured, low_rank_rows(500, 512, 16, g))
     assert index.pays and index.probe_share < 0.2
     # the search follows the decision and returns knn's results either way
     q = low_rank_rows(100, 512, 16, g)
     for decision in (None, False, True):
-        d, i = index.search(q, structured, 2, prune=decision)
+        d, i = index.search(q, 2, prune=decision)
         kd, ki = knn(q, structured, 2)
         assert torch.equal(d, kd) and torch.equal(i, ki)
 
@@ -146,19 +146,22 @@ def test_decides_against_pruning_random_data_and_for_structured_data():
 def test_bad_input_is_refused_clearly():
     g = torch.Generator().manual_seed(8)
     bank = torch.randn(50, 16, generator=g)
-    index = SearchIndex.build(bank, rank=4)
+    index = PrunedIndex.build(bank, rank=4)
     with pytest.raises(ValueError, match="built for a \\[50, 16\\] bank"):
-        index.search(torch.randn(3, 16), torch.randn(51, 16))
+        PrunedIndex.restore(torch.randn(51, 16), *index.state())
+    with pytest.raises(ValueError, match="another memory bank"):
+        PrunedIndex.restore(torch.randn(50, 16, generator=g), *index.state())
+    assert torch.equal(PrunedIndex.restore(bank, *index.state()).bank_screen, index.bank_screen)
     with pytest.raises(ValueError, match="dim"):
-        index.search(torch.randn(3, 15), bank)
+        index.search(torch.randn(3, 15))
     with pytest.raises(ValueError, match="k must be in"):
-        index.search(torch.randn(3, 16), bank, 51)
+        index.search(torch.randn(3, 16), 51)
     with pytest.raises(ValueError, match="NaN"):
-        index.search(torch.full((3, 16), math.nan), bank)
+        index.search(torch.full((3, 16), math.nan))
     with pytest.raises(ValueError, match="rank must be in"):
-        SearchIndex.build(bank, rank=17)
+        PrunedIndex.build(bank, rank=17)
     with pytest.raises(ValueError, match="overflow"):
-        index.search(torch.full((3, 16), 1e37), bank, prune=True)
+        index.search(torch.full((3, 16), 1e37), prune=True)
     if compiled(torch.device("cpu")):
         with pytest.raises(ValueError, match="bank_screen"):
             _C.knn_pruned(torch.randn(3, 16), bank, 1, index.basis, index.bank_screen[:, :-1], 0.0)
@@ -170,8 +173,8 @@ def test_progress_is_reported():
     bank = low_rank_rows(2000, 64, 6, g)
     q = low_rank_rows(5000, 64, 6, g)
     seen = []
-    index = SearchIndex.build(bank, rank=4)
-    index.search(q, bank, 1, prune=True, progress=seen.append)
+    index = PrunedIndex.build(bank, rank=4)
+    index.search(q, 1, prune=True, progress=seen.append)
     assert seen and all(0 < s <= len(q) for s in seen)
 
 
@@ -215,15 +218,15 @@ def test_model_builds_saves_and_uses_the_index_with_knn_results(lite0, tmp_path)
     pruned_model = PatchCore(backbone=lite0, device="cpu", image_size=64, resize=64, progress=False)
     pruned_model.fit_features(train)
     plain = pruned_model.with_settings(pruned_search=False).fit_features(train)
-    assert pruned_model.bank.index is not None and pruned_model.bank.index.pays
-    assert plain.bank.index is None and "index" in pruned_model.timings
+    assert isinstance(pruned_model.bank.index, PrunedIndex) and pruned_model.bank.index.pays
+    assert type(plain.bank.index).__name__ == "FlatIndex" and "index" in pruned_model.timings
     a, b = pruned_model.score(test), plain.score(test)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     path = tmp_path / "pruned.pcf"
     pruned_model.save(path)
     loaded = PatchCore.load(path, device="cpu", progress=False)
     index, original = loaded.bank.index, pruned_model.bank.index
-    assert index is not None and index.pays == original.pays and index.probe_share == original.probe_share
+    assert isinstance(index, PrunedIndex) and index.pays == original.pays and index.probe_share == original.probe_share
     assert torch.equal(index.bank_screen, original.bank_screen) and torch.equal(index.basis, original.basis)
     c = loaded.score(test)
     assert torch.equal(c.scores, a.scores) and torch.equal(c.maps, a.maps)

@@ -6,6 +6,8 @@ what users run today, and the oracle our kernels are checked against.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -34,3 +36,19 @@ def greedy_coreset_reference(features: torch.Tensor, initial_distances: torch.Te
         min_distance = torch.min(torch.cat([min_distance, to_pick], dim=-1), dim=1).values.reshape(-1, 1)
         min_distance[pick] = -1
     return torch.tensor(picks, dtype=torch.long, device=features.device)
+
+
+@torch.no_grad()
+def reference_seeded_start(features: torch.Tensor, projection_dim: int | None = 128, num_starts: int = 10,
+                           seed: int = 0):
+    """The authors' setup, written out plainly: a bias-free nn.Linear's default weights (uniform in
+    +-1/sqrt(D)) drawn from one CPU generator seeded with `seed`, then `num_starts` random rows;
+    each row starts at its mean L2 distance to them. Returns (selection space, start distances)."""
+    generator = torch.Generator().manual_seed(seed)
+    space = features
+    if projection_dim is not None and projection_dim != features.shape[1]:
+        bound = 1.0 / math.sqrt(features.shape[1])
+        weights = torch.empty(projection_dim, features.shape[1]).uniform_(-bound, bound, generator=generator)
+        space = features @ weights.to(features.device).T
+    starts = torch.randperm(len(space), generator=generator)[:num_starts].to(space.device)
+    return space, pairwise_l2(space, space[starts]).mean(dim=1)

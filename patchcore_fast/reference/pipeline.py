@@ -1,5 +1,6 @@
 """The authors' PatchCore pipeline, literally: their embedding order, their per-step coreset loop,
-brute-force nearest neighbours, and scipy's Gaussian filter. The oracle for PatchCore.predict."""
+brute-force nearest neighbours, and scipy's Gaussian filter. The oracle for PatchCore.predict: it
+imports nothing from the rest of the package, so a bug there cannot pass its own oracle."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..coreset import seeded_start
-from .coreset import greedy_coreset_reference
+from .coreset import greedy_coreset_reference, reference_seeded_start
 from .embedding import reference_patch_embedding
 from .knn import knn_reference
 
@@ -19,7 +19,7 @@ def reference_predict(extractor, train_images: torch.Tensor, test_images: torch.
                       projection_dim: int = 128, seed: int = 0, embed_dim: int = 1024, sigma: float = 4.0):
     """(image scores [M], maps [M, S, S], coreset picks) for images already transformed to [*, 3, S, S]."""
     bank_features, _ = reference_patch_embedding(extractor(train_images), embed_dim)
-    space, initial = seeded_start(bank_features, projection_dim, 10, seed)
+    space, initial = reference_seeded_start(bank_features, projection_dim, 10, seed)
     picks = greedy_coreset_reference(space, initial, int(len(bank_features) * ratio))
     bank = bank_features[picks]
 

@@ -1,0 +1,90 @@
+"""ShardedIndex: a bank whose rows are spread over the ranks of a process group.
+
+Rank r holds a contiguous run of rows (or, after `subset`, some of them) with their global
+indices; `search` is a collective: each rank searches its rows, the per-query lists are gathered
+and merged by (distance, global index), exactly `knn` on the whole bank. Every rank must call
+`search`, `rows`, `subset` and `all_vectors` together, with the same arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed
+from .base import Index
+from .flat import FlatIndex
+
+
+class ShardedIndex(Index):
+    kind = "flat"  # saved as one whole flat bank (rank 0 writes it)
+
+    def __init__(self, local: Index, ids: torch.Tensor, total: int):
+        if len(ids) != len(local.vectors):
+            raise ValueError("a sharded index needs the global index of each of its rows")
+        self.local = local  # this rank's rows, searched by any index kind
+        self.ids = ids.cpu()  # their global indices, ascending
+        self.total = total
+
+    @classmethod
+    def from_whole(cls, vectors: torch.Tensor) -> "ShardedIndex":
+        """This rank's contiguous share of a whole bank (e.g. one read from a file)."""
+        start, stop = distributed.shard(len(vectors))
+        return cls(FlatIndex(vectors[start:stop].contiguous()), torch.arange(start, stop), len(vectors))
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self.local.vectors
+
+    def __len__(self) -> int:
+        return self.total
+
+    def search(self, queries, k=1, *, progress=None):
+        local = self.local if len(self.ids) else None
+        return distributed.search(queries, local, self.ids, k, self.total)
+
+    def subset(self, keep):
+        """The rows where `keep` [total] (the same mask on every rank); global indices are kept
+        (still ascending), so distances and their order are those of the restricted whole bank."""
+        mine = keep.cpu()[self.ids]
+        total = sum(distributed.row_counts(int(mine.sum()), "restricting the bank"))
+        return ShardedIndex(FlatIndex(self.vectors[mine.to(self.vectors.device)]) if bool(mine.any())
+                            else _Empty(self.vectors), self.ids[mine], total)
+
+    def to(self, device):
+        return ShardedIndex(self.local.to(device), self.ids, self.total)
+
+    def rows(self, indices):
+        """Rows `indices` (global, the same on every rank), each from the rank that holds it."""
+        flat = indices.reshape(-1).cpu()
+        position = {g: i for i, g in enumerate(self.ids.tolist())}
+        rank = dist.get_rank()
+        holders = torch.tensor([rank if g in position else -1 for g in flat.tolist()], dtype=torch.int64)
+        holders = torch.stack(distributed.all_gather(holders, "looking up bank rows")).max(0).values
+        if bool((holders < 0).any()):
+            raise IndexError(f"bank rows {flat[holders < 0].tolist()[:5]} are outside the bank of {self.total}")
+        out = torch.zeros(len(flat), self.dim)
+        for source in sorted(set(holders.tolist())):
+            where = holders == source
+            if source == rank:
+                part = self.vectors[[position[g] for g in flat[where].tolist()]].cpu()
+            else:
+                part = out[where]
+            out[where] = distributed.broadcast(part, source, "looking up bank rows")
+        return out.reshape(*indices.shape, -1).to(self.vectors.device)
+
+    def all_vectors(self):
+        """The whole bank on every rank, rows in global order."""
+        rows = distributed.all_gather_rows(self.vectors.cpu(), "gathering the bank")
+        ids = distributed.all_gather_rows(self.ids, "gathering the bank")
+        whole = torch.empty_like(rows)
+        whole[ids] = rows
+        return whole
+
+
+class _Empty(FlatIndex):
+    """No rows on this rank (a subset that kept none of them): searched by nobody."""
+
+    def __init__(self, like: torch.Tensor):
+        self._vectors = like[:0]
+        self.cuda_kernel = "warp16x128"

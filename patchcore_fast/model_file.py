@@ -1,0 +1,145 @@
+"""The model file: one safetensors file holding a fitted model's state, with explicit migrations.
+
+Format 3 (written now): tensors "memory_bank" [M, D], "normal_scores" (optional) and the index's
+own tensors; JSON metadata {"format_version": 3, "patchcore_fast": version, "config": PatchCoreConfig,
+"grid": [h, w], "decision": {"threshold", "threshold_source"}, "index": {"kind", ...}}.
+Older files are read by migrating their metadata one version at a time; each step says what that
+version meant. A key a file lacks is never filled with today's default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import PatchCoreConfig
+from .decision import Decision
+from .index import FlatIndex, Index, PrunedIndex
+
+FORMAT_VERSION = 3
+
+
+def _from_1(meta: dict) -> dict:
+    """Format 1 kept "settings" and "backbone" apart. Every model then was centre-cropped, ran its
+    backbone in float32, and had no threshold, colour scale or search index."""
+    config = {**meta["settings"], "backbone": meta["backbone"], "framing": "center_crop", "half_precision": False}
+    return {**meta, "format_version": 2, "config": config}
+
+
+def _from_2(meta: dict) -> dict:
+    """Format 2 held the config whole, with run-time choices inside it (the CUDA kernel variants
+    and pruned_search, which never changed a result: dropped). Files written before framing
+    existed (commit 4b6da9a) always used the centre crop. The threshold sat at the top level and
+    the pruned index under "search_index"."""
+    config = dict(meta["config"])
+    for runtime in ("coreset_cuda_kernel", "knn_cuda_kernel", "pruned_search"):
+        config.pop(runtime, None)
+    config.setdefault("framing", "center_crop")
+    index = {"kind": "pruned", **meta["search_index"]} if meta.get("search_index") else {"kind": "flat"}
+    return {"format_version": 3, "patchcore_fast": meta.get("patchcore_fast"), "config": config,
+            "grid": meta["grid"], "index": index,
+            "decision": {"threshold": meta.get("threshold"), "threshold_source": meta.get("threshold_source")}}
+
+
+#: How to read each older format: a step to the next version.
+MIGRATIONS = {1: _from_1, 2: _from_2}
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What a model file holds."""
+
+    config: PatchCoreConfig
+    grid: tuple[int, int]
+    index: Index
+    decision: Decision
+    written_by: str | None = None  # the patchcore_fast version that wrote the file
+
+
+def save(path, config: PatchCoreConfig, grid, index: Index, decision: Decision) -> None:
+    """Writes the model to `path` atomically: a temporary file in the same folder, flushed to disk,
+    replaces `path` only when complete. The file's mode follows the umask, like any new file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors, index_meta = index.state()
+    tensors = {**tensors, "memory_bank": index.all_vectors().float().cpu().contiguous()}
+    if decision.normal_scores is not None:
+        tensors["normal_scores"] = decision.normal_scores.float().cpu().contiguous()
+    meta = {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "config": config.to_dict(),
+            "grid": list(grid), "index": {"kind": index.kind, **index_meta},
+            "decision": {"threshold": decision.threshold, "threshold_source": decision.threshold_source}}
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
+    try:
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"patchcore_fast": json.dumps(meta)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)  # the rename itself reaches the disk
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path) -> ModelState:
+    """Reads a model file of any readable format, on the CPU."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["patchcore_fast"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable patchcore_fast model ({type(error).__name__}: {error})") from error
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION and version not in MIGRATIONS:
+        raise ValueError(f"{path} has model format version {version}; this patchcore_fast ({__version__}) reads "
+                         f"versions {', '.join(map(str, [*MIGRATIONS, FORMAT_VERSION]))}: use the patchcore_fast "
+                         "that wrote it, or fit the model again")
+    try:
+        while meta["format_version"] != FORMAT_VERSION:
+            meta = MIGRATIONS[meta["format_version"]](meta)
+        config = PatchCoreConfig.from_dict(meta["config"])
+        vectors = tensors.pop("memory_bank").float()
+        index = _restore_index(vectors, tensors, meta["index"])
+        normal = tensors.get("normal_scores")
+        decision = Decision(normal, meta["decision"]["threshold"], meta["decision"]["threshold_source"])
+        return ModelState(config, tuple(meta["grid"]), index, decision, meta.get("patchcore_fast"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} has inconsistent model contents: {error}") from error
+
+
+def _restore_index(vectors: torch.Tensor, tensors: dict, meta: dict) -> Index:
+    kind = meta["kind"]
+    if kind == "pruned":
+        return PrunedIndex.restore(vectors, tensors, meta)
+    if kind == "flat":
+        return FlatIndex(vectors)
+    raise ValueError(f"unknown index kind {kind!r}: written by a newer patchcore_fast?")

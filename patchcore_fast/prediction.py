@@ -1,0 +1,29 @@
+"""Prediction: what scoring images returns, with the model's decision applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Prediction:
+    scores: torch.Tensor  # [B] image anomaly scores
+    maps: torch.Tensor    # [B, image_size, image_size] pixel anomaly scores
+    threshold: float | None = None  # the model's decision threshold, if it has one
+    #: With predict(..., on_original=True): each map on its own image, [H_i, W_i], NaN where the
+    #: model did not look (outside the centre crop).
+    original_maps: list[torch.Tensor] | None = None
+    #: Each scored image's file path (or position among in-memory images); skipped files are absent.
+    sources: list | None = None
+
+    @property
+    def normalized(self) -> torch.Tensor | None:
+        """Scores over the threshold: 1.0 is the threshold (None without one)."""
+        return None if self.threshold is None else self.scores / self.threshold
+
+    @property
+    def is_anomalous(self) -> torch.Tensor | None:
+        """Scores above the threshold (None without one)."""
+        return None if self.threshold is None else self.scores > self.threshold
