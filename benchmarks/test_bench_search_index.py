@@ -1,4 +1,4 @@
-"""Pruned exact search (SearchIndex) against brute force on real and random features, on the CPU.
+"""Pruned exact search (PrunedIndex) against brute force on real and random features, on the CPU.
 
 Tire (MVTec 3D-AD RGB, EfficientNet-Lite0, centre crop): bank = the 10 % coreset of the
 164,640 training patches (16,464 x 1024), queries = all 87,808 test patches. Baselines in the
@@ -18,7 +18,8 @@ from baselines import faiss_flat_l2, flat_index
 from conftest import CPU_PATHS
 from real_features import tire_features, tire_test_features
 
-from patchcore_fast.search_index import PROBES, SearchIndex
+from patchcore_fast.index import PrunedIndex
+from patchcore_fast.index.pruned import PROBES
 
 ROUNDS = 3
 
@@ -47,7 +48,7 @@ def gaussian():
 @pytest.fixture(scope="module")
 def tire_index(tire):
     bank, _, probes = tire
-    return SearchIndex.build(bank, probes)
+    return PrunedIndex.build(bank, probes)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def run(benchmark, cpu_path, impl, bank, queries, k, index=None, rounds=ROUNDS):
         if kind == "knn":
             fn, args = patchcore_fast.knn, (queries, bank, k)
         else:
-            fn, args = index.search, (queries, bank, k)
+            fn, args = index.search, (queries, k)
     fn(*args)  # warm-up
     return benchmark.pedantic(fn, args, rounds=rounds, iterations=1)
 
@@ -105,7 +106,7 @@ def test_search_tire(tire, tire_index, tire_knn, benchmark, cpu_path, impl, k):
 def test_index_build_tire(tire, benchmark):
     bank, _, probes = tire
     benchmark.group = "search-index-build-tire-cpu"
-    index = benchmark.pedantic(SearchIndex.build, (bank, probes), rounds=ROUNDS, iterations=1)
+    index = benchmark.pedantic(PrunedIndex.build, (bank, probes), rounds=ROUNDS, iterations=1)
     benchmark.extra_info.update(rank=index.rank, probe_share=index.probe_share, pays=index.pays)
 
 
@@ -113,7 +114,7 @@ def test_index_build_tire(tire, benchmark):
 def test_search_gaussian(gaussian, benchmark, cpu_path, impl):
     """The index refuses to prune random data; searching through it must cost what knn costs."""
     bank, queries, probes = gaussian
-    index = SearchIndex.build(bank, probes)
+    index = PrunedIndex.build(bank, probes)
     assert not index.pays
     benchmark.group = "search-gaussian-k1-cpu"
     benchmark.extra_info.update(workload="N(0, 1) data of tire's shapes", probe_share=index.probe_share)

@@ -195,3 +195,14 @@ def load_backbone(name: str = "wide_resnet50_2", layers=None, weights: str | Non
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     spec = BackboneSpec(name, layers, weights, _sha256(path) if path else None, seed)
     return FeatureExtractor(spec, body, mean, std)
+
+
+def backbone_for(spec: BackboneSpec, image_size: int, extractor: FeatureExtractor | None = None) -> FeatureExtractor:
+    """The extractor a saved config names: loaded (its weights' SHA-256 checked against the
+    config's) unless given, in which case it must be that backbone."""
+    if extractor is None:
+        extractor = load_backbone(spec.name, spec.layers, spec.weights, image_size, spec.seed)
+    if extractor.spec != spec:
+        what = "weights" if extractor.spec.weights_sha256 != spec.weights_sha256 else "backbone"
+        raise ValueError(f"the backbone {what} differ from those the model was fitted with: {extractor.spec} vs {spec}")
+    return extractor

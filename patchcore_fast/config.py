@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -36,6 +37,10 @@ class PatchCoreConfig:
     reweight: bool = False        # the paper's Eq. 7
     reweight_neighbors: int = 9
     seed: int = 0                 # coreset projection and start
+
+    #: The fields that change the patch features (a model with others needs other features).
+    FEATURE_FIELDS: ClassVar[frozenset] = frozenset({"backbone", "framing", "image_size", "resize", "embed_dim",
+                                                     "half_precision"})
 
     def __post_init__(self):
         ratio = self.coreset_ratio
@@ -97,3 +102,17 @@ class RunOptions:
             raise ValueError(f"knn_cuda_kernel must be one of {KNN_CUDA_KERNELS}, got {self.knn_cuda_kernel!r}")
         if not isinstance(self.pruned_search, bool):
             raise ValueError(f"pruned_search must be True or False, got {self.pruned_search!r}")
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_arguments(cls, device, options: dict) -> "RunOptions":
+        """Run options from PatchCore's keyword arguments, the device resolved (devices.resolve)."""
+        from .devices import resolve
+
+        unknown = sorted(set(options) - cls.names())
+        if unknown:
+            raise TypeError(f"unknown PatchCore arguments {unknown}; run-time options are {sorted(cls.names())}")
+        return cls(**{**options, "device": resolve(device)})

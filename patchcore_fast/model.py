@@ -7,27 +7,22 @@ decides where the rows live); predict = the scoring module (scoring.py) -> the d
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 from tqdm.auto import tqdm
 
-from . import decision, devices, model_file, workers
-from .backbones import FeatureExtractor, load_backbone
+from . import decision, model_file, workers
+from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
 from .data import count_images, iter_image_batches
 from .errors import UserError
-from .index import FlatIndex, Index, PrunedIndex
-from .index.pruned import PROBES
+from .index import Index, build_index, for_run
+from .index.pruned import left_out_probes
 from .memory_bank import MemoryBank
 from .prediction import Prediction
-from .scoring import PatchFeatures, ScoringModule
+from .scoring import PatchFeatures, ScoringModule, check_patch_features, collect, prepared
 from .stages import StageTimes
-
-RUN_OPTIONS = {f.name for f in dataclasses.fields(RunOptions)}
-FEATURE_FIELDS = {"backbone", "framing", "image_size", "resize", "embed_dim", "half_precision"}
-
 
 class PatchCore:
     """PatchCore as in the authors' released code (amazon-science/patchcore-inspection): WideResNet-50
@@ -51,26 +46,21 @@ class PatchCore:
                                  embed_dim=embed_dim, half_precision=bool(half_precision), coreset_ratio=coreset_ratio,
                                  projection_dim=projection_dim, num_neighbors=num_neighbors, reweight=reweight,
                                  reweight_neighbors=reweight_neighbors, seed=seed)
-        self._setup(config, extractor, _options(device, run_options))
+        self._setup(config, extractor, RunOptions.from_arguments(device, run_options))
 
     @classmethod
     def from_config(cls, config: PatchCoreConfig, extractor: FeatureExtractor | None = None, device=None,
                     **run_options) -> "PatchCore":
         """A model for `config`; its backbone is loaded (and its weights' SHA-256 checked) unless given."""
-        spec = config.backbone
-        if extractor is None:
-            extractor = load_backbone(spec.name, spec.layers, spec.weights, config.image_size, spec.seed)
-        if extractor.spec != spec:
-            what = "weights" if extractor.spec.weights_sha256 != spec.weights_sha256 else "backbone"
-            raise ValueError(f"the {what} differ from those the config names: {extractor.spec} vs {spec}")
         model = cls.__new__(cls)
-        model._setup(config, extractor, _options(device, run_options))
+        model._setup(config, backbone_for(config.backbone, config.image_size, extractor),
+                     RunOptions.from_arguments(device, run_options))
         return model
 
     def _setup(self, config: PatchCoreConfig, extractor: FeatureExtractor, options: RunOptions):
         self.config, self.options = config, options
         self.transform = config.transform
-        self.features = PatchFeatures(_prepared(extractor, options.device, config.half_precision), config.embed_dim,
+        self.features = PatchFeatures(prepared(extractor, options.device, config.half_precision), config.embed_dim,
                                       config.half_precision, options.device)
         self.workers = workers.current()
         self.bank: MemoryBank | None = None
@@ -81,10 +71,11 @@ class PatchCore:
     def with_settings(self, **changes) -> "PatchCore":
         """An unfitted model with scoring settings or run-time options changed, sharing this one's
         backbone. Settings that change the features need a new model."""
-        if FEATURE_FIELDS & set(changes):
-            raise ValueError(f"{sorted(FEATURE_FIELDS & set(changes))} change the features: build a new PatchCore")
-        options = {k: v for k, v in changes.items() if k in RUN_OPTIONS}
-        config = self.config.replace(**{k: v for k, v in changes.items() if k not in RUN_OPTIONS})
+        if PatchCoreConfig.FEATURE_FIELDS & set(changes):
+            raise ValueError(f"{sorted(PatchCoreConfig.FEATURE_FIELDS & set(changes))} change the features: "
+                             "build a new PatchCore")
+        options = {k: v for k, v in changes.items() if k in RunOptions.names()}
+        config = self.config.replace(**{k: v for k, v in changes.items() if k not in options})
         model = PatchCore.from_config(config, self.extractor, **{**dataclasses.asdict(self.options), **options})
         model._grid = self._grid
         return model
@@ -115,6 +106,10 @@ class PatchCore:
         features, self._grid = self.features(images)
         return features
 
+    def _embed_timed(self, images: torch.Tensor) -> torch.Tensor:
+        with self.timings("features"):
+            return self.embed(images)
+
     def _batches(self, data, desc):
         total = count_images(data)
         return tqdm(iter_image_batches(data, self.transform, self.batch_size, self.options.skip_bad_images), desc=desc,
@@ -123,22 +118,9 @@ class PatchCore:
 
     @torch.no_grad()
     def extract(self, data, desc: str = "features") -> torch.Tensor:
-        """Patch features [images, patches, embed_dim] of images in any accepted form, written into
-        one preallocated tensor when the number of images is known up front."""
-        total, parts, filled = count_images(data), [], 0
+        """Patch features [images, patches, embed_dim] of images in any form `fit` accepts."""
         with self.timings("features"):
-            for batch in self._batches(data, desc):
-                features = self.embed(batch.images)
-                if total is not None and not parts:
-                    parts.append(torch.empty(total, *features.shape[1:], device=self.device))
-                if total is not None:
-                    parts[0][filled : filled + len(features)] = features
-                else:
-                    parts.append(features)
-                filled += len(features)
-        if filled == 0:
-            raise ValueError("no images")
-        return parts[0][:filled] if total is not None else torch.cat(parts)
+            return collect((self.embed(b.images) for b in self._batches(data, desc)), count_images(data), self.device)
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
@@ -154,13 +136,7 @@ class PatchCore:
     def fit_features(self, features: torch.Tensor) -> "PatchCore":
         """Build the memory bank from patch features [images, patches, dim] (or [rows, dim]) from `extract`."""
         c, grid = self.config, self.grid
-        if features.dim() not in (2, 3) or features.shape[-1] != c.embed_dim:
-            raise ValueError(f"features must be [images, patches, {c.embed_dim}] or [rows, {c.embed_dim}], "
-                             f"got {tuple(features.shape)}")
-        if features.dim() == 3 and features.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"features have {features.shape[1]} patches per image; this model's images give "
-                             f"{grid[0]} x {grid[1]}")
-        rows = features.reshape(-1, c.embed_dim)
+        rows = check_patch_features(features, c.embed_dim, grid)
         size = int(self.workers.total(len(rows), "counting rows") * c.coreset_ratio)
         with self.timings("coreset"), tqdm(total=size, desc="coreset", unit="pick",
                                            disable=not self.options.progress) as bar:
@@ -181,16 +157,9 @@ class PatchCore:
         return self
 
     def _build_index(self, bank_rows: torch.Tensor, rows: torch.Tensor, picks: torch.Tensor) -> Index:
-        """The index of one process's bank: pruned on the CPU (if asked; it measures on training
-        patches the coreset left out whether pruning pays), flat elsewhere, on the model's device."""
-        if not (self.options.pruned_search and self.device.type == "cpu"):
-            return FlatIndex(bank_rows.to(self.device), self.options.knn_cuda_kernel)
-        left_out = torch.ones(len(rows), dtype=torch.bool)
-        left_out[picks.cpu()] = False
-        candidates = left_out.nonzero().flatten()
-        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(self.config.seed))[:PROBES]
-        probes = rows.cpu()[candidates[order]] if len(candidates) else rows.cpu()
-        return PrunedIndex.build(bank_rows.cpu(), probes)
+        o = self.options
+        return build_index(bank_rows, self.device, o.pruned_search, o.knn_cuda_kernel,
+                           lambda: left_out_probes(rows, picks, self.config.seed))
 
     def scoring_module(self, index: Index | None = None) -> ScoringModule:
         """The scoring path (scoring.py) over `index` (default: the fitted bank's)."""
@@ -209,7 +178,7 @@ class PatchCore:
         batches = self._batches(self.workers.share(data, self.batch_size), "scoring")
         scores, maps, sizes, sources = [], [], [], []
         shape = (self.grid[0] * self.grid[1], self.config.embed_dim)
-        for features, batch in self.workers.feature_batches(batches, self._timed_embed, self.batch_size, shape):
+        for features, batch in self.workers.feature_batches(batches, self._embed_timed, self.batch_size, shape):
             part = self._score(scoring, features)
             scores.append(part.scores)
             maps.append(part.maps)
@@ -221,10 +190,6 @@ class PatchCore:
         if on_original:
             prediction.original_maps = [self.transform.to_original(m, w, h) for m, (w, h) in zip(prediction.maps, sizes)]
         return prediction
-
-    def _timed_embed(self, images: torch.Tensor) -> torch.Tensor:
-        with self.timings("features"):
-            return self.embed(images)
 
     @torch.no_grad()
     def score(self, features: torch.Tensor, batch_size: int = 64) -> Prediction:
@@ -266,34 +231,9 @@ class PatchCore:
     def load(cls, path, device=None, **run_options) -> "PatchCore":
         """A fitted model from `save`'s file; refuses changed backbone weights and unknown format versions."""
         state = model_file.load(path)
-        spec = state.config.backbone
-        extractor = load_backbone(spec.name, spec.layers, spec.weights, state.config.image_size, spec.seed)
-        if spec.weights_sha256 and extractor.spec.weights_sha256 != spec.weights_sha256:
-            raise ValueError(f"the backbone weights {spec.weights} differ from those the model in {path} was fitted with")
-        model = cls.from_config(state.config, extractor, device, **run_options)
-        pruned = model.options.pruned_search and isinstance(state.index, PrunedIndex)
-        index = state.index if pruned else FlatIndex(state.index.vectors, model.options.knn_cuda_kernel)
+        model = cls.from_config(state.config, None, device, **run_options)
+        index = for_run(state.index, model.options.pruned_search, model.options.knn_cuda_kernel)
         index = model.workers.place(index).to(model.device)
         model.bank = MemoryBank(index, state.grid, state.config, state.decision)
         model._grid = state.grid
         return model
-
-
-def _options(device, run_options: dict) -> RunOptions:
-    unknown = sorted(set(run_options) - RUN_OPTIONS - {"device"})
-    if unknown:
-        raise TypeError(f"unknown PatchCore arguments {unknown}; run-time options are {sorted(RUN_OPTIONS)}")
-    return RunOptions(**{**run_options, "device": devices.resolve(device)})
-
-
-def _prepared(extractor: FeatureExtractor, device: torch.device, half_precision: bool) -> FeatureExtractor:
-    """The extractor on `device` (bfloat16 and channels_last on CUDA when asked), converting a copy
-    so that a caller's extractor, perhaps shared with other models, is never changed."""
-    dtype = torch.bfloat16 if half_precision else torch.float32
-    parameter = next(extractor.parameters(), None)
-    if parameter is not None and devices.resolve(parameter.device) == device and parameter.dtype == dtype:
-        return extractor
-    prepared = copy.deepcopy(extractor).to(device=device, dtype=dtype)
-    if half_precision and device.type == "cuda":
-        prepared = prepared.to(memory_format=torch.channels_last)
-    return prepared

@@ -14,6 +14,7 @@ from torch import nn
 
 from .anomaly_map import anomaly_maps
 from .embedding import patch_embedding
+from .backbones import FeatureExtractor
 from .index import Index
 
 
@@ -37,6 +38,53 @@ class PatchFeatures(nn.Module):
                 images = images.contiguous(memory_format=torch.channels_last)
         features, grid = patch_embedding(self.extractor(images), self.embed_dim)
         return features.reshape(images.shape[0], grid[0] * grid[1], -1), grid  # shape[0]: len() would fix an exported batch
+
+
+def collect(batches, total: int | None, device: torch.device) -> torch.Tensor:
+    """Patch features of every batch [images, patches, D]: written into one preallocated tensor
+    when the number of images is known up front (never twice in memory), else concatenated."""
+    parts, filled = [], 0
+    for features in batches:
+        if total is not None and not parts:
+            parts.append(torch.empty(total, *features.shape[1:], device=device))
+        if total is not None:
+            parts[0][filled : filled + len(features)] = features
+        else:
+            parts.append(features)
+        filled += len(features)
+    if filled == 0:
+        raise ValueError("no images")
+    return parts[0][:filled] if total is not None else torch.cat(parts)
+
+
+def check_patch_features(features: torch.Tensor, dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Rows [N, dim] of features [images, patches, dim] (patches = the grid's cells) or [rows, dim]."""
+    if features.dim() not in (2, 3) or features.shape[-1] != dim:
+        raise ValueError(f"features must be [images, patches, {dim}] or [rows, {dim}], got {tuple(features.shape)}")
+    if features.dim() == 3 and features.shape[1] != grid[0] * grid[1]:
+        raise ValueError(f"features have {features.shape[1]} patches per image; this model's images give "
+                         f"{grid[0]} x {grid[1]}")
+    return features.reshape(-1, dim)
+
+
+def prepared(extractor: FeatureExtractor, device: torch.device, half_precision: bool) -> FeatureExtractor:
+    """The extractor on `device` (bfloat16 and channels_last on CUDA when asked), converting a copy
+    so that a caller's extractor, perhaps shared with other models, is never changed."""
+    dtype = torch.bfloat16 if half_precision else torch.float32
+    parameter = next(extractor.parameters(), None)
+    if parameter is not None and _same_device(parameter.device, device) and parameter.dtype == dtype:
+        return extractor
+    prepared = copy.deepcopy(extractor).to(device=device, dtype=dtype)
+    if half_precision and device.type == "cuda":
+        prepared = prepared.to(memory_format=torch.channels_last)
+    return prepared
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 (the current GPU), cpu and cpu:0 are the same device."""
+    def index(d):
+        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
+    return a.type == b.type and index(a) == index(b)
 
 
 class InGraphIndex(nn.Module, Index):

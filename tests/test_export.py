@@ -75,3 +75,23 @@ def test_cli_export_with_check(model, tmp_path, capsys):
     assert "outputs scores [B], maps [B, 64, 64]" in out and "onnxruntime vs predict on 2 images" in out
     assert main(["export", str(tmp_path / "m.pcf"), "--out", str(tmp_path / "m.pt2"), "--format", "torch",
                  "--check", str(folder)]) == 2  # --check needs ONNX: a clear error
+
+
+def test_predict_and_export_run_one_scoring_module(model, monkeypatch):
+    """The exported graph is the scoring module predict runs (scoring.py), its index swapped for an
+    in-graph matmul + min: the same numbers, and a change to the module changes both alike."""
+    from patchcore_fast.export import exportable
+    from patchcore_fast.scoring import ScoringModule
+
+    images = [texture(30 + i, size=(96, 80), defect=i == 1) for i in range(2)]
+    batch = torch.stack([model.transform.image(i) for i in images])  # what the graph takes
+    expected = model.predict(images)
+    graph = exportable(model)
+    assert isinstance(graph, ScoringModule) and type(graph.features) is type(model.scoring_module().features)
+    scores, maps = graph(batch)
+    assert torch.allclose(scores, expected.scores, rtol=1e-5) and torch.allclose(maps, expected.maps, rtol=1e-4, atol=1e-3)
+
+    original = ScoringModule.maps
+    monkeypatch.setattr(ScoringModule, "maps", lambda self, p, g: 2 * original(self, p, g))
+    assert torch.allclose(exportable(model)(batch)[1], 2 * maps)
+    assert torch.allclose(model.predict(images).maps, 2 * expected.maps, rtol=1e-4, atol=1e-3)

@@ -2,8 +2,27 @@
 `FlatIndex` (brute force, CPU and CUDA kernels), `PrunedIndex` (exact, fewer distances, CPU) and
 `ShardedIndex` (rows spread over torch.distributed ranks, imported from index.sharded)."""
 
+import torch
+
 from .base import Index
 from .flat import FlatIndex
 from .pruned import PrunedIndex
 
-__all__ = ["FlatIndex", "Index", "PrunedIndex"]
+__all__ = ["FlatIndex", "Index", "PrunedIndex", "build_index", "for_run"]
+
+
+def build_index(bank: torch.Tensor, device: torch.device, pruned: bool = True, cuda_kernel: str = "warp16x128",
+                probes=None) -> Index:
+    """The index a fitted bank gets: pruned on the CPU when asked (`probes()`: queries like the ones
+    to come, on which it measures whether pruning pays), flat elsewhere; on `device`."""
+    if pruned and device.type == "cpu":
+        return PrunedIndex.build(bank.cpu(), probes() if probes is not None else None)
+    return FlatIndex(bank.to(device), cuda_kernel)
+
+
+
+def for_run(index: Index, pruned: bool = True, cuda_kernel: str = "warp16x128") -> Index:
+    """An index read from a file, with this run's choices: pruned only if asked, the CUDA variant."""
+    if pruned and isinstance(index, PrunedIndex):
+        return index
+    return FlatIndex(index.vectors, cuda_kernel)

@@ -166,6 +166,18 @@ class PrunedIndex(Index):
         return cls(vectors, basis, screen, rounding, float(meta["probe_share"]), bool(meta["pays"]))
 
 
+def left_out_probes(rows: torch.Tensor, picks: torch.Tensor, seed: int) -> torch.Tensor:
+    """Up to PROBES training patches the coreset left out (a seeded sample): queries like the ones
+    to come, on which `build` measures whether pruning pays."""
+    left_out = torch.ones(len(rows), dtype=torch.bool)
+    left_out[picks.cpu()] = False
+    candidates = left_out.nonzero().flatten()
+    if len(candidates) == 0:
+        return rows.cpu()
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:PROBES]
+    return rows.cpu()[candidates[order]]
+
+
 def _half_square_norms(x64: torch.Tensor) -> torch.Tensor:
     return (-0.5 * x64.square().sum(1)).float()
 
