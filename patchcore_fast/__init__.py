@@ -1,6 +1,6 @@
 """patchcore_fast: PatchCore anomaly detection with fused C++/CUDA coreset and kNN kernels."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from ._extension import build_info  # noqa: E402
 from .coreset import greedy_coreset  # noqa: E402

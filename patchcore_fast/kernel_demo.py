@@ -6,7 +6,9 @@ import time
 
 import torch
 
-from . import build_info, greedy_coreset, knn
+from ._extension import build_info
+from .coreset import greedy_coreset
+from .knn import knn
 from .coreset import seeded_start
 from .reference import greedy_coreset_reference, knn_reference
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .config import PatchCoreConfig
 from .decision import Decision
 from .index import FlatIndex, Index, PrunedIndex

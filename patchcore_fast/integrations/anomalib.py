@@ -21,7 +21,8 @@ import contextlib
 
 import torch
 
-from .. import greedy_coreset, knn
+from ..coreset import greedy_coreset
+from ..knn import knn
 
 #: anomalib versions whose PatchcoreModel and KCenterGreedy this module was tested against.
 TESTED_VERSIONS = (">=2.7.0", "<2.8")
