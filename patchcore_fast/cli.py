@@ -24,25 +24,13 @@ def _model_args(args) -> dict:
                 batch_size=args.batch_size)
 
 
-def _writable_file(path: Path) -> Path:
-    """Checks, before any work, that `path` can be written as a file: nothing is written on failure."""
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {path / 'model.pcf'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"--out {path}: no folder {parent}")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"--out {path}: cannot write to {parent}")
-    return path
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
-def _writable_folder(path: Path) -> Path:
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file; give a folder")
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise PermissionError(f"--out {path}: cannot write to {existing}")
-    return path
+def _stages(timings) -> str:
+    """The stage timings of a run, one line: "decode 0.52 s, features 3.14 s, coreset 1.20 s, ..."."""
+    return ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items())
 
 
 def training_images(root: Path, category: str | None) -> tuple[list[Path], int]:
@@ -55,16 +43,19 @@ def training_images(root: Path, category: str | None) -> tuple[list[Path], int]:
         raise FileNotFoundError(f"no folder {folder} (MVTec AD layout: ROOT/CATEGORY/train/good)")
     images = image_files(folder)
     if not images:
-        raise ValueError(f"{folder} holds no image files")
+        subfolders = sum(1 for p in folder.iterdir() if p.is_dir())
+        raise ValueError(f"folder {folder} holds no image files" + (
+            f" (its {subfolders} subfolder(s) are not searched)" if subfolders else ""))
     return images, len(other_files(folder))
 
 
 def cmd_fit(args) -> None:
     from .decision import check_quantile
     from .model import PatchCore
+    from .run_outputs import check_writable_file
 
     # Every argument and path is checked before any work: a typo must not throw a fit away.
-    out = _writable_file(Path(args.out))
+    out = check_writable_file(args.out)
     if args.calibrate_defects and not args.calibrate:
         raise ValueError("--calibrate-defects needs --calibrate GOOD_FOLDER as well")
     try:
@@ -75,71 +66,122 @@ def cmd_fit(args) -> None:
     calibration = training_images(args.calibrate, None)[0] if args.calibrate else None
     defective = training_images(args.calibrate_defects, None)[0] if args.calibrate_defects else None
     model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args))
-    print(f"fitting {len(images)} images ({model.transform.describe()})"
+    model.check_fit_size(len(images), "--ratio")
+    print(f"fitting {_count(len(images), 'image file')} ({model.transform.describe()})"
           + (f"; {ignored} other file(s) left alone" if ignored else ""))
     model.fit(images)
+    skipped = len(images) - model.fitted_images
+    print(f"fitted on {_count(model.fitted_images, 'image')}" + (f" ({skipped} skipped)" if skipped else "")
+          + f": memory bank {len(model.bank):,} x {model.config.embed_dim}; {_stages(model.timings)}")
     if calibration is not None:
         model.calibrate(calibration, args.quantile, defective)
         print(f"threshold {model.bank.decision.threshold:.6g}: {model.bank.decision.threshold_source}")
     model.save(out)  # under torchrun: rank 0 writes the whole bank
-    if not model.workers.is_main:
-        return
-    print(f"saved {out}: memory bank ({len(model.bank)}, {model.config.embed_dim}), {model.config.backbone.name}, "
-          f"framing {model.config.framing}")
+    print(f"saved {out} ({model.config.backbone.name}, framing {model.config.framing})")
+
+
+#: Overlays on the original images are drawn with their long side at most this many pixels: a
+#: 12,000 px photograph gets a 2,048 px overlay (what a screen shows), in bounded memory.
+OVERLAY_MAX_SIDE = 2048
 
 
 def cmd_predict(args) -> None:
-    from .data import TestImage, image_paths, load_mask, mvtec_mask_path
+    from .data import image_paths
     from .model import PatchCore
-    from .overlay import save_overlays, save_overlays_on_originals
+    from .run_outputs import OutputFolder
 
-    out = _writable_folder(Path(args.out))
+    folder = OutputFolder(args.out, args.overwrite).check()
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"no model file {args.model}")
     paths = image_paths(args.images)
     model = PatchCore.load(args.model, device=args.device, progress=not args.quiet,
                            skip_bad_images=args.skip_bad_images, batch_size=args.batch_size)
-    pred = model.predict(paths, on_original=args.overlays == "original")
-    paths = [Path(p) for p in pred.sources]  # the files scored: unreadable ones skipped (--skip-bad-images)
-    if not model.workers.is_main:  # every rank has the results; rank 0 writes them
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        if pred.threshold is None:
-            writer.writerow(["path", "score"])
-            for path, score in zip(paths, pred.scores.tolist()):
-                writer.writerow([str(path), f"{score:.6f}"])
-        else:  # normalised: 1.0 is the calibrated threshold
-            writer.writerow(["path", "score", "normalized_score", "is_anomalous"])
-            for path, score, norm, flag in zip(paths, pred.scores.tolist(), pred.normalized.tolist(),
-                                               pred.is_anomalous.tolist()):
-                writer.writerow([str(path), f"{score:.6f}", f"{norm:.6f}", int(flag)])
-    scale = model.bank.decision.colour_scale()
+    decision = model.bank.decision
+    scale = decision.colour_scale()
     if scale is None:  # a model fitted from pooled features: no good-image scores to set a scale
-        scale = float(pred.maps.min()), float(pred.maps.max())
-        print("this model has no fixed colour scale (fitted from pooled features): overlays use this run's range")
-    low, high = scale
-    names = [f"{i:04d}_{p.stem}.png" for i, p in enumerate(paths)]
-    if args.overlays == "original":  # each image at its own size; outside the centre crop in grey
-        save_overlays_on_originals(out, paths, names, pred.original_maps, [mvtec_mask_path(p) for p in paths], low,
-                                   high, pred.scores, pred.threshold)
-    else:
-        masks = []
-        for path in paths:
-            mask_path = mvtec_mask_path(path)
-            masks.append(load_mask(TestImage(path, path.parent.name, mask_path), model.transform) if mask_path else None)
-        save_overlays(out, paths, names, pred.maps, masks, model.transform, model.batch_size, low, high, pred.scores,
-                      pred.threshold)
-    print(f"scored {len(paths)} images: {out / 'scores.csv'}, overlays in {out}")
+        print("this model has no fixed colour scale (fitted from pooled features): each overlay uses its own range")
+    with _output_folder(folder) as out:
+        rows, names = [], set()
+        view_side = OVERLAY_MAX_SIDE if args.overlays == "original" else None
+        for part, batch in model.predict_batches(paths, view_side=view_side):
+            for i, source in enumerate(part.sources):
+                name = _overlay_name(Path(source), names)
+                _draw_overlay(out / name, model, args.overlays, part, batch, i, scale)
+                rows.append([str(source), float(part.scores[i]), name])
+        if not rows:
+            raise ValueError("no images to score")
+        _write_scores(out / "scores.csv", rows, decision)
+    if not model.workers.is_main:
+        return
+    folder.finish()
+    scores = torch.tensor([r[1] for r in rows])
+    verdict = ("no threshold: scores only (fit with --calibrate for decisions)" if decision.threshold is None else
+               f"{int(decision.is_anomalous(scores).sum())} flagged anomalous at threshold {decision.threshold:.6g} "
+               f"({decision.threshold_source})")
+    print(f"scored {_count(len(rows), 'image')}: {verdict}; highest score {float(scores.max()):.6g}")
+    print(f"outputs: {folder.path / 'scores.csv'}, {_count(len(rows), 'overlay')} in {folder.path}; "
+          f"{_stages(model.timings)}")
+
+
+def _overlay_name(source: Path, taken: set) -> str:
+    """FOLDER_STEM.png (so defect/000 and good/000 stay apart), made unique within the run."""
+    stem = f"{source.parent.name}_{source.stem}" if source.parent.name else source.stem
+    name, n = f"{stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}.png"
+    taken.add(name)
+    return name
+
+
+def _draw_overlay(path: Path, model, overlays: str, part, batch, i: int, scale) -> None:
+    """One overlay: on the decoded image itself (at most OVERLAY_MAX_SIDE), or on the model's view."""
+    import numpy as np
+    from PIL import Image
+
+    from .data import TestImage, bounded, load_mask, mvtec_mask_path, open_image, to_rgb
+    from .overlay import save_overlay
+
+    if not model.workers.is_main:
+        return
+    source, threshold = Path(part.sources[i]), part.threshold
+    low, high = scale or (float(part.maps[i].min()), float(part.maps[i].max()))
+    mask_path = mvtec_mask_path(source)
+    if overlays == "model":
+        mask = load_mask(TestImage(source, source.parent.name, mask_path), model.transform) if mask_path else None
+        image = batch.images[i] if batch.images is not None else model.transform.image(open_image(source))
+        save_overlay(path, image, part.maps[i], low, high, mask, float(part.scores[i]), threshold)
+        return
+    view = batch.views[i] if batch.views is not None else bounded(to_rgb(open_image(source)), OVERLAY_MAX_SIDE)
+    width, height = part.sizes[i]
+    heat = model.transform.to_original(part.maps[i], width, height, out_size=view.size)
+    mask = None
+    if mask_path is not None:
+        mask = torch.from_numpy(np.asarray(open_image(mask_path).convert("L").resize(view.size, Image.NEAREST)) > 127)
+    image = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    save_overlay(path, image, heat, low, high, mask, float(part.scores[i]), threshold)
+
+
+def _write_scores(path: Path, rows, decision) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        if decision.threshold is None:
+            writer.writerow(["path", "score", "overlay"])
+            writer.writerows([source, f"{score:.6f}", name] for source, score, name in rows)
+        else:  # normalised: 1.0 is the threshold
+            writer.writerow(["path", "score", "normalized_score", "is_anomalous", "overlay"])
+            writer.writerows([source, f"{score:.6f}", f"{score / decision.threshold:.6f}",
+                              int(score > decision.threshold), name] for source, score, name in rows)
 
 
 def cmd_export(args) -> None:
     from .data import image_paths
     from .export import check_onnx, export
     from .model import PatchCore
+    from .run_outputs import check_writable_file
 
-    out = _writable_file(Path(args.out))
+    out = check_writable_file(args.out)
+    images = image_paths(args.check) if args.check else None
     model = PatchCore.load(args.model, device="cpu", progress=False)
     export(model, out, args.format)
     s = model.config.image_size
@@ -148,59 +190,62 @@ def cmd_export(args) -> None:
     if args.check:
         if args.format != "onnx":
             raise ValueError("--check runs onnxruntime: use it with --format onnx")
-        images = []
-        for item in args.check:
-            images += image_paths([item])
         relative = check_onnx(model, out, images)
         print(f"onnxruntime vs predict on {len(images)} images: image scores within {relative:.2e} (relative)")
 
 
 @contextlib.contextmanager
-def _output_folder(out: Path):
-    """`out` on rank 0 (or without torchrun); a scratch folder, removed afterwards, on other ranks,
-    which compute the same results in step with rank 0."""
+def _output_folder(folder):
+    """The run's output folder on rank 0 (or without torchrun), created and emptied of the previous
+    run's outputs; a scratch folder, removed afterwards, on other ranks, which compute the same
+    results in step with rank 0."""
     from . import distributed
 
     if distributed.is_main():
-        yield out
+        yield folder.prepare()
         return
     with tempfile.TemporaryDirectory(prefix="patchcore-rank-") as scratch:
         yield Path(scratch)
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate
+    from .evaluate import check_arguments, evaluate
+    from .run_outputs import OutputFolder
 
-    _writable_folder(Path(args.out))
-    with _output_folder(Path(args.out)) as out:
+    folder = OutputFolder(args.out, args.overwrite).check()
+    check_arguments(args.root, args.categories, args.ratios)
+    with _output_folder(folder) as out:
         _, _, tables = evaluate(args.root, out, categories=args.categories, ratios=args.ratios,
                                 progress=not args.quiet, **_model_args(args))
+    folder.finish()
     print(tables)
-    print(f"results: {Path(args.out) / 'results.csv'}, timings: {Path(args.out) / 'timings.csv'}")
+    print(f"results: {folder.path / 'results.csv'}, timings: {folder.path / 'timings.csv'}")
 
 
 def cmd_demo(args) -> None:
     from . import synthetic
     from .evaluate import evaluate
+    from .run_outputs import OutputFolder
 
     start = time.perf_counter()
+    folder = OutputFolder(args.out, overwrite=True).check()  # the demo replaces its own earlier outputs
     root = synthetic.dataset(args.seed, args.data)
     print(f"synthetic dataset (seed {args.seed}): {root}")
-    out = Path(args.out)
-    with _output_folder(out) as folder:
-        _, _, tables = evaluate(root, folder, ratios=args.ratios, progress=not args.quiet,
+    with _output_folder(folder) as out:
+        _, _, tables = evaluate(root, out, ratios=args.ratios, progress=not args.quiet,
                                 backbone="efficientnet_lite0", device=args.device)
+    folder.finish()
     print(tables)
-    print(f"results: {out / 'results.csv'}, timings: {out / 'timings.csv'}")
-    print(f"overlays: {out / 'overlays'}")
+    print(f"results: {folder.path / 'results.csv'}, timings: {folder.path / 'timings.csv'}")
+    print(f"overlays: {folder.path / 'overlays'}")
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
 def cmd_kernels(args) -> None:
+    from .devices import resolve
     from .kernel_demo import demo
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    demo(args.train_images, args.test_images, torch.device(device))
+    demo(args.train_images, args.test_images, resolve(args.device))
 
 
 def _common_options(suppress: bool) -> argparse.ArgumentParser:
@@ -210,82 +255,105 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     common.add_argument("--quiet", action="store_true", default=default(False), help="no progress bars")
     common.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks of errors")
-    common.add_argument("--device", default=default(None), help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    common.add_argument("--device", default=default(None),
+                        help="cpu, cuda, cuda:1, ... (default: the first GPU if there is one, else cpu)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchcore-fast", description=__doc__, parents=[_common_options(False)])
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="patchcore-fast", description=__doc__, parents=[_common_options(False)],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"patchcore-fast {__version__}")
     after = [_common_options(True)]
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help):
+        return sub.add_parser(name, parents=after, help=help, description=help,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def model_options(p, ratio=True, framing="whole"):
         p.add_argument("--backbone", default="efficientnet_lite0",
-                       help="efficientnet_lite0 (offline default) or a torchvision model, e.g. wide_resnet50_2 (the paper's)")
+                       help="efficientnet_lite0 (offline) or a torchvision model, e.g. wide_resnet50_2 (the paper's)")
         p.add_argument("--framing", choices=("whole", "center_crop"), default=framing,
-                       help=f"whole image, or the MVTec AD resize + centre crop (default: {framing})")
+                       help="whole image resized to the model's square, or the MVTec AD resize + centre crop")
         p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
-        p.add_argument("--layers", nargs="+", help="layer names or numbers (default: layer2 layer3)")
+        p.add_argument("--layers", nargs="+", metavar="LAYER",
+                       help="backbone layers, names or numbers (default: blocks.4 blocks.10 for efficientnet_lite0, "
+                            "layer2 layer3 for ResNets)")
         if ratio:
-            p.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
-        p.add_argument("--image-size", type=int, default=224)
-        p.add_argument("--resize", type=int, default=256)
+            p.add_argument("--ratio", type=float, default=0.1,
+                           help="coreset ratio: the share of training patches kept in the memory bank, in (0, 1]")
+        p.add_argument("--image-size", type=int, default=224, help="side of the square the model sees, in pixels")
+        p.add_argument("--resize", type=int, default=256, help="short side before the centre crop (--framing center_crop)")
         p.add_argument("--weights", default=None, help="backbone weights file (default: ImageNet)")
         p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch")
         p.add_argument("--brute-force-search", action="store_true",
                        help="no search index: every test patch meets every bank row (same results, slower on the CPU)")
 
-    p = sub.add_parser("fit", parents=after, help="fit on a folder of good images (or ROOT/CATEGORY/train/good) and save")
+    p = command("fit", "fit on a folder of good images (or ROOT/CATEGORY/train/good) and save the model")
     p.add_argument("root", help="a folder of good images, or an MVTec AD root with --category")
     p.add_argument("--category", help="MVTec AD layout: fit on ROOT/CATEGORY/train/good")
     p.add_argument("--calibrate", metavar="FOLDER", help="good images not used for fitting: sets the decision threshold")
     p.add_argument("--calibrate-defects", metavar="FOLDER",
                    help="defective images: with --calibrate, the threshold is the F1-optimal one on both folders")
     p.add_argument("--quantile", type=float, default=0.99,
-                   help="threshold = this quantile of the calibration images' scores (default 0.99)")
-    p.add_argument("--out", required=True)
+                   help="threshold = this quantile of the calibration images' scores, in (0, 1]")
+    p.add_argument("--out", required=True, metavar="MODEL", help="the model file to write (e.g. model.pcf)")
     model_options(p)
     p.set_defaults(run=cmd_fit)
 
-    p = sub.add_parser("predict", parents=after, help="score images with a saved model")
-    p.add_argument("model")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", default="predictions")
+    p = command("predict", "score images with a saved model: scores.csv and heat-map overlays")
+    p.add_argument("model", help="a model file written by fit")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (subfolders are not searched)")
+    p.add_argument("--out", default="predictions", metavar="FOLDER", help="where scores.csv and the overlays go")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch")
     p.add_argument("--overlays", choices=("original", "model"), default="original",
-                   help="draw maps on each original image (default; outside the centre crop in grey) or on the "
-                        "model's S x S view")
+                   help=f"draw maps on each original image (long side at most {OVERLAY_MAX_SIDE} px; outside the "
+                        "centre crop in grey) or on the model's S x S view")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
     p.set_defaults(run=cmd_predict)
 
-    p = sub.add_parser("export", parents=after, help="export a model's whole scoring path (ONNX or torch.export)")
-    p.add_argument("model")
-    p.add_argument("--format", choices=("onnx", "torch"), default="onnx")
-    p.add_argument("--out", required=True, help="the file to write (.onnx, or .pt2 for torch)")
-    p.add_argument("--check", nargs="+", metavar="IMAGES",
+    p = command("export", "export a model's whole scoring path (ONNX or torch.export)")
+    p.add_argument("model", help="a model file written by fit")
+    p.add_argument("--format", choices=("onnx", "torch"), default="onnx", help="ONNX, or a torch.export program")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (.onnx, or .pt2 for torch)")
+    p.add_argument("--check", nargs="+", metavar="IMAGE",
                    help="images or folders to score with onnxruntime and predict; fails beyond 1e-4 relative")
     p.set_defaults(run=cmd_export)
 
-    p = sub.add_parser("evaluate", parents=after, help="fit and evaluate MVTec AD-layout categories")
-    p.add_argument("root")
-    p.add_argument("--categories", nargs="+")
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.1])
-    p.add_argument("--out", required=True)
+    p = command("evaluate", "fit and evaluate MVTec AD-layout categories: the paper's tables")
+    p.add_argument("root", help="an MVTec AD-layout root: ROOT/CATEGORY/{train/good, test, ground_truth}")
+    p.add_argument("--categories", nargs="+", metavar="CATEGORY", help="categories to evaluate (default: all found)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.1], metavar="RATIO",
+                   help="coreset ratios, one model each (the paper's: 0.25 0.1 0.01)")
+    p.add_argument("--out", required=True, metavar="FOLDER", help="where results.csv, tables.md, timings.csv go")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     model_options(p, ratio=False, framing="center_crop")
     p.set_defaults(run=cmd_evaluate)
 
-    p = sub.add_parser("demo", parents=after, help="the offline demo: synthetic defects on real textures, EfficientNet-Lite0")
-    p.add_argument("--out", default="demo-results")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help="where to keep the generated dataset (default: a cache folder)")
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.1])
+    p = command("demo", "the offline demo: synthetic defects on real textures, EfficientNet-Lite0")
+    p.add_argument("--out", default="demo-results", metavar="FOLDER", help="where the results go (replaces the last demo's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
+    p.add_argument("--data", default=None, metavar="FOLDER",
+                   help="where to keep the generated dataset (default: a cache folder)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.1], metavar="RATIO", help="coreset ratios")
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("kernels", parents=after, help="time the coreset and knn kernels against the references on random data")
-    p.add_argument("--train-images", type=int, default=40)
-    p.add_argument("--test-images", type=int, default=20)
+    p = command("kernels", "time the coreset and knn kernels against the references on random data")
+    p.add_argument("--train-images", type=int, default=40, help="training images' worth of random rows (784 each)")
+    p.add_argument("--test-images", type=int, default=20, help="test images' worth of random queries")
     p.set_defaults(run=cmd_kernels)
     return parser
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line naming the program, printed above any progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"{_program()}: warning: {message}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -293,8 +361,14 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        _join_process_group(args)
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings
+            warnings.simplefilter("always", RuntimeWarning)  # each skipped or suspicious file once, by name
+            from .devices import resolve
+
+            resolve(args.device)  # a device this machine lacks is a user error, before any work
+            _join_process_group(args)
+            args.run(args)
     except KeyboardInterrupt:  # every long step stops within about a second; files are written atomically
         print(f"\n{_program()}: interrupted", file=sys.stderr)
         return 130

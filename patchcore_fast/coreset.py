@@ -82,7 +82,8 @@ def coreset_size(num_rows: int, ratio=None, n=None) -> int:
         raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
     size = int(num_rows * ratio)  # the authors' rounding
     if size < 1:
-        raise ValueError(f"ratio {ratio} of {num_rows} points selects no point; raise ratio or pass n")
+        raise ValueError(f"ratio {ratio} of {num_rows} points selects no point: the ratio must be at least "
+                         f"{1 / num_rows:.2g} (or give n, a number of points)")
     return size
 
 

@@ -47,7 +47,11 @@ class Transform:
         return f"short side resized to {self.resize}, centre {self.crop} x {self.crop} kept (MVTec AD protocol)"
 
     def image(self, img: Image.Image) -> torch.Tensor:
-        arr = np.asarray(self._resample(to_rgb(img)), dtype=np.uint8)
+        return self.framed(to_rgb(img))
+
+    def framed(self, rgb: Image.Image) -> torch.Tensor:
+        """[3, S, S] in [0, 1]: what the model sees of an 8-bit RGB image (see to_rgb)."""
+        arr = np.asarray(self._resample(rgb), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
     def mask(self, mask: Image.Image) -> torch.Tensor:
@@ -102,16 +106,19 @@ class Transform:
         sx, sy = width / nw, height / nh
         return left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy
 
-    def to_original(self, view_map: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    def to_original(self, view_map: torch.Tensor, width: int, height: int, out_size=None) -> torch.Tensor:
         """An S x S map drawn back on its width x height image: [height, width], bilinear, NaN where the
-        view did not look (outside the centre crop): unknown, not invented."""
+        view did not look (outside the centre crop): unknown, not invented. `out_size` (w, h): the
+        same map sampled on a smaller copy of the image (an overlay of bounded size)."""
         left, top, right, bottom = self.box(width, height)
-        rows = _resampling_matrix(height, view_map.shape[0], top, bottom)
-        cols = _resampling_matrix(width, view_map.shape[1], left, right)
-        out = rows.nan_to_num() @ view_map.double().cpu() @ cols.nan_to_num().T
+        out_w, out_h = out_size or (width, height)
+        sx, sy = out_w / width, out_h / height
+        rows = _resampling_matrix(out_h, view_map.shape[0], top * sy, bottom * sy)
+        cols = _resampling_matrix(out_w, view_map.shape[1], left * sx, right * sx)
+        out = (rows.nan_to_num() @ view_map.double().cpu()).float() @ cols.nan_to_num().float().T
         out[rows[:, 0].isnan()] = float("nan")
         out[:, cols[:, 0].isnan()] = float("nan")
-        return out.float()
+        return out
 
     def _size(self, wh):
         """(width, height) with the short side at `resize`, as torchvision's Resize(int) rounds."""
@@ -141,27 +148,10 @@ def _resampling_matrix(out_size: int, in_size: int, start: float, stop: float) -
     return matrix
 
 
-def image_sizes(data) -> list[tuple[int, int]]:
-    """(width, height) of each image `data` gives, as it is read (EXIF orientation applied)."""
-    if isinstance(data, torch.Tensor):
-        batch = data[None] if data.dim() == 3 else data
-        return [(int(batch.shape[-1]), int(batch.shape[-2]))] * len(batch)
-    if not isinstance(data, (str, Path, Image.Image, list, tuple)):
-        raise ValueError("maps on the original images need a folder, files, PIL images or tensors "
-                         "(a DataLoader does not say its images' sizes)")
-    sizes = []
-    for item in expand_images(data):
-        if isinstance(item, torch.Tensor):
-            sizes += image_sizes(item)
-        else:
-            sizes.append(ImageOps.exif_transpose(item if isinstance(item, Image.Image) else open_image(Path(item))).size)
-    return sizes
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB with the pixels the file means: camera orientation (EXIF) applied, 16-bit grey
     scaled (not clipped) to 8 bits, transparency over black, palette and CMYK converted."""
-    img = ImageOps.exif_transpose(img)
+    img = ImageOps.exif_transpose(img, in_place=False) if img.getexif().get(0x0112, 1) != 1 else img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples (Pillow opens 16-bit PNGs as I;16 or I): 65535 is white.
         arr = np.asarray(img, dtype=np.float64)
@@ -173,7 +163,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGB", img.size, (0, 0, 0))
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
         return background
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def open_image(path: Path) -> Image.Image:
@@ -251,13 +241,23 @@ class Batch:
     images: torch.Tensor | None  # [b, 3, S, S] in [0, 1], as the model sees them
     sizes: list                  # each image's (width, height) as read (EXIF orientation applied)
     sources: list                # each image's file path, or its position among in-memory images
+    #: With iter_image_batches(view_side=...): each decoded image as 8-bit RGB with its long side
+    #: at most view_side (for drawing overlays without decoding it again); else None.
+    views: list | None = None
 
 
-def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bool = False) -> Iterator[Batch]:
+#: An image whose shorter side is below this share of the model's input side is almost always a
+#: mistake (a thumbnail, an icon, a broken export): it is upscaled many times, and a warning says so.
+SMALL_IMAGE_SHARE = 0.25
+
+
+def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bool = False,
+                       view_side: int | None = None) -> Iterator[Batch]:
     """Batches from a folder, a file, a list of paths or PIL images, a tensor batch, or an iterable
     of tensors / (tensor, ...) tuples / {"image": tensor} dicts (a DataLoader), each image decoded
     once. Unreadable files raise ImageReadError naming the file, or are skipped with a warning
-    when `skip_bad` (and are then in no batch)."""
+    when `skip_bad` (and are then in no batch). Images much smaller than the model's input
+    (SMALL_IMAGE_SHARE) are scored with a warning."""
     position = 0
     if isinstance(data, torch.Tensor) or not isinstance(data, (str, Path, Image.Image, list, tuple)):
         items = [data] if isinstance(data, torch.Tensor) else (_loader_tensor(item) for item in data)
@@ -269,7 +269,7 @@ def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bo
                 yield Batch(part, [size] * len(part), list(range(position, position + len(part))))
                 position += len(part)
         return
-    pending, sizes, sources = [], [], []
+    pending, sizes, sources, views = [], [], [], []
     for item in expand_images(data):
         if isinstance(item, torch.Tensor):
             framed = transform.tensor(item)
@@ -285,15 +285,38 @@ def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bo
                     raise
                 warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
                 continue
-            pending.append(transform.image(img))
-            sizes.append(oriented_size(img))
+            rgb = to_rgb(img)
+            del img  # a large image is held once
+            pending.append(transform.framed(rgb))
+            sizes.append(rgb.size)
             sources.append(position if isinstance(item, Image.Image) else Path(item))
+            _warn_if_small(rgb.size, transform.crop, sources[-1])
+            if view_side is not None:
+                views.append(bounded(rgb, view_side))
+            del rgb
             position += 1
         while len(pending) >= batch_size:
-            yield Batch(torch.stack(pending[:batch_size]), sizes[:batch_size], sources[:batch_size])
-            pending, sizes, sources = pending[batch_size:], sizes[batch_size:], sources[batch_size:]
+            yield Batch(torch.stack(pending[:batch_size]), sizes[:batch_size], sources[:batch_size],
+                        views[:batch_size] if view_side is not None else None)
+            pending, sizes, sources, views = (pending[batch_size:], sizes[batch_size:], sources[batch_size:],
+                                              views[batch_size:])
     if pending:
-        yield Batch(torch.stack(pending), sizes, sources)
+        yield Batch(torch.stack(pending), sizes, sources, views if view_side is not None else None)
+
+
+def bounded(rgb: Image.Image, side: int) -> Image.Image:
+    """`rgb` with its long side at most `side` (an independent copy either way)."""
+    if max(rgb.size) <= side:
+        return rgb.copy()
+    scale = side / max(rgb.size)
+    return rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR,
+                      reducing_gap=3.0)
+
+
+def _warn_if_small(size, model_side: int, source) -> None:
+    if min(size) < SMALL_IMAGE_SHARE * model_side:
+        warnings.warn(f"image {source} is {size[0]} x {size[1]} px, far smaller than the model's {model_side} x "
+                      f"{model_side} input: it is upscaled, and its score means little", RuntimeWarning, stacklevel=3)
 
 
 def oriented_size(img: Image.Image) -> tuple[int, int]:

@@ -83,7 +83,7 @@ def normal_sample(num_images: int, seed: int) -> list[int]:
 
 
 def leave_one_out_scores(sample: list[int], image_features, source_image: torch.Tensor, index,
-                         score_features) -> torch.Tensor | None:
+                         score_features, progress=None) -> torch.Tensor | None:
     """Image scores of the `sample` training images, each against the index without the rows
     picked from it (`source_image` [len(index)]: the image each bank row came from).
     `image_features(i)` gives image i's patch features [patches, D]; `score_features(features,
@@ -92,6 +92,10 @@ def leave_one_out_scores(sample: list[int], image_features, source_image: torch.
         return None
     scores = []
     for image in sample:
-        others = index.subset(source_image != image)
-        scores.append(score_features(image_features(image)[None], others).cpu())
-    return torch.cat(scores)
+        keep = source_image != image
+        if not bool(keep.any()):  # every bank row came from this image: nothing to score it against
+            continue
+        scores.append(score_features(image_features(image)[None], index.subset(keep)).cpu())
+        if progress is not None:
+            progress(1)
+    return torch.cat(scores) if scores else None

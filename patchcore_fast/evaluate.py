@@ -39,7 +39,7 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
     train = base.extract(data.train, desc=f"{category} train features")
     test = base.extract([item.path for item in data.test], desc=f"{category} test features")
     validation = base.extract(data.validation, desc=f"{category} validation features") if data.validation else None
-    feature_seconds = base.timings["features"]
+    feature_seconds = base.timings["decode"] + base.timings["features"]  # images in, patch features out
     labels = torch.tensor([item.is_anomalous for item in data.test])
     masks = [load_mask(item, base.transform) for item in data.test]
     with_mask = [i for i, m in enumerate(masks) if m is not None]
@@ -98,21 +98,8 @@ def write_overlays(folder: Path, model: PatchCore, data: MVTecCategory, pred, ma
 def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = True, **model_args):
     """Evaluate every category (all found under root by default); writes results.csv, tables.md
     and timings.csv to out_dir and returns (results, timings, tables)."""
-    root, out_dir = Path(root), Path(out_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such folder: {root}")
-    found = MVTecCategory.categories(root)
-    categories = list(categories or found)
-    if not categories:
-        raise FileNotFoundError(f"no categories (folders with train/good) under {root}")
-    unknown = [c for c in categories if c not in found]
-    if unknown:  # before anything is written
-        raise FileNotFoundError(f"no categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} under {root} "
-                                f"(found: {', '.join(found) or 'none'})")
-    ratios = [float(r) for r in ratios]
-    for r in ratios:
-        if not 0 < r <= 1:
-            raise ValueError(f"coreset ratios must be in (0, 1], got {r}")
+    out_dir = Path(out_dir)
+    categories, ratios = check_arguments(root, categories, ratios)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, timings = [], []
     for category in tqdm(categories, desc="categories", disable=not progress):
@@ -124,6 +111,26 @@ def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = Tru
     tables = markdown_tables(results)
     (out_dir / "tables.md").write_text(tables)
     return results, timings, tables
+
+
+def check_arguments(root, categories=None, ratios=(0.1,)) -> tuple[list[str], list[float]]:
+    """The categories and ratios `evaluate` will run, checked before anything is written."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    found = MVTecCategory.categories(root)
+    categories = list(categories or found)
+    if not categories:
+        raise FileNotFoundError(f"no categories (folders with train/good) under {root}")
+    unknown = [c for c in categories if c not in found]
+    if unknown:
+        raise FileNotFoundError(f"no categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} under {root} "
+                                f"(found: {', '.join(found) or 'none'})")
+    ratios = [float(r) for r in ratios]
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise ValueError(f"coreset ratios must be in (0, 1], got {r}")
+    return categories, ratios
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:

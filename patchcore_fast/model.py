@@ -65,7 +65,7 @@ class PatchCore:
         self.workers = workers.current()
         self.bank: MemoryBank | None = None
         self._grid: tuple[int, int] | None = None
-        #: Seconds spent per stage (features, coreset, index, scale, search, maps), accumulated over calls.
+        #: Seconds spent per stage (decode, features, coreset, index, scale, search, maps), accumulated over calls.
         self.timings = StageTimes(options.device)
 
     def with_settings(self, **changes) -> "PatchCore":
@@ -89,8 +89,17 @@ class PatchCore:
     def grid(self) -> tuple[int, int]:
         """Patch grid (rows, cols) of one image: fixed by the backbone and the image size."""
         if self._grid is None:
-            with torch.no_grad():
-                self.embed(torch.zeros(1, 3, self.config.image_size, self.config.image_size))
+            size = self.config.image_size
+            try:
+                with torch.no_grad():
+                    self.embed(torch.zeros(1, 3, size, size))
+            except RuntimeError as error:  # e.g. a kernel larger than the feature map
+                raise ValueError(f"image_size {size} is too small for {self.config.backbone.name}: "
+                                 f"{str(error).splitlines()[0]}") from error
+            if min(self._grid) < 2:  # one patch per image: no neighbourhood, no map
+                grid, self._grid = self._grid, None
+                raise ValueError(f"image_size {size} gives {self.config.backbone.name} a {grid[0]} x {grid[1]} patch "
+                                 "grid; at least 2 x 2 is needed: raise image_size")
         return self._grid
 
     def __repr__(self) -> str:
@@ -106,31 +115,43 @@ class PatchCore:
         features, self._grid = self.features(images)
         return features
 
+    def _step(self, desc: str, total: int | None = None):
+        """A progress line for a step of the fit that takes a second or more on large banks."""
+        return tqdm(total=total, desc=desc, disable=not self.options.progress, unit="image", leave=False)
+
     def _embed_timed(self, images: torch.Tensor) -> torch.Tensor:
         with self.timings("features"):
             return self.embed(images)
 
-    def _batches(self, data, desc):
+    def _batches(self, data, desc, view_side=None):
         total = count_images(data)
-        return tqdm(iter_image_batches(data, self.transform, self.batch_size, self.options.skip_bad_images), desc=desc,
+        batches = iter_image_batches(data, self.transform, self.batch_size, self.options.skip_bad_images, view_side)
+        return tqdm(self.timings.iterate(batches, "decode"), desc=desc,
                     total=None if total is None else -(-total // self.batch_size), disable=not self.options.progress,
                     unit="batch")
 
     @torch.no_grad()
     def extract(self, data, desc: str = "features") -> torch.Tensor:
         """Patch features [images, patches, embed_dim] of images in any form `fit` accepts."""
-        with self.timings("features"):
-            return collect((self.embed(b.images) for b in self._batches(data, desc)), count_images(data), self.device)
+        return collect((self._embed_timed(b.images) for b in self._batches(data, desc)), count_images(data), self.device)
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
     def fit(self, data) -> "PatchCore":
         """Build the memory bank from defect-free images (folder, paths, PIL images, tensor, DataLoader).
         Inside a process group (torchrun) each rank embeds its share and the bank is sharded."""
+        self.check_fit_size(count_images(data))
         share = self.workers.share(data, self.batch_size)
         empty = isinstance(share, (list, torch.Tensor)) and len(share) == 0  # a rank with no images
         features = torch.empty(0, self.grid[0] * self.grid[1], self.config.embed_dim) if empty else self.extract(share)
         return self.fit_features(features)
+
+    def check_fit_size(self, images: int | None, name: str = "coreset_ratio") -> None:
+        """Before any work: a fit on `images` images (None: not known yet) selects at least one patch."""
+        rows = None if images is None else images * self.grid[0] * self.grid[1]
+        if rows is not None and int(rows * self.config.coreset_ratio) < 1:
+            raise ValueError(f"{name} {self.config.coreset_ratio:g} of {rows:,} training patches ({images} images x "
+                             f"{rows // images}) selects none: {name} must be at least {1 / rows:.2g}")
 
     @torch.no_grad()
     def fit_features(self, features: torch.Tensor) -> "PatchCore":
@@ -143,17 +164,19 @@ class PatchCore:
             picks = self.workers.coreset(rows, c.coreset_ratio, c.projection_dim, c.seed,
                                          self.options.coreset_cuda_kernel, lambda done: bar.update(done - bar.n))
             bar.update(len(picks) - bar.n)
-        with self.timings("index"):
+        with self.timings("index"), self._step("search index"):
             index = self.workers.index(rows, picks, self._build_index).to(self.device)
         scoring = self.scoring_module(index)
         normal = None
         if features.dim() == 3:  # the colour scale: training images scored without their own rows
-            with self.timings("scale"):
+            with self.timings("scale"), self._step("colour scale") as bar:
                 sample = decision.normal_sample(self.workers.total(len(features), "counting images"), c.seed)
                 normal = decision.leave_one_out_scores(
                     sample, lambda i: self.workers.image_features(features, i), picks.cpu() // features.shape[1],
-                    index, lambda f, idx: scoring.patch_scores(f.to(self.device), idx)[0])
+                    index, lambda f, idx: scoring.patch_scores(f.to(self.device), idx)[0], bar.update)
         self.bank = MemoryBank(index, grid, c, decision.Decision(normal))
+        #: Images the bank was fitted on (None when fitted from pooled rows).
+        self.fitted_images = self.workers.total(len(features), "counting images") if features.dim() == 3 else None
         return self
 
     def _build_index(self, bank_rows: torch.Tensor, rows: torch.Tensor, picks: torch.Tensor) -> Index:
@@ -174,22 +197,29 @@ class PatchCore:
     def predict(self, data, on_original: bool = False) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts. With
         `on_original`, also each map drawn back on its own image (`Prediction.original_maps`)."""
+        parts = [part for part, _ in self.predict_batches(data)]
+        if not parts:
+            raise ValueError("no images to score")
+        prediction = Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]),
+                                self.bank.decision.threshold, sources=[s for p in parts for s in p.sources],
+                                sizes=[s for p in parts for s in p.sizes])
+        if on_original:
+            prediction.original_maps = [self.transform.to_original(m, w, h)
+                                        for m, (w, h) in zip(prediction.maps, prediction.sizes)]
+        return prediction
+
+    @torch.no_grad()
+    def predict_batches(self, data, view_side: int | None = None):
+        """(Prediction, data.Batch) batch by batch, as they are scored: memory does not grow with the
+        number of images. `view_side`: each batch also carries its decoded images with the long side
+        at most view_side (`Batch.views`; None under torchrun), to draw overlays without decoding again."""
         scoring = self.scoring_module()
-        batches = self._batches(self.workers.share(data, self.batch_size), "scoring")
-        scores, maps, sizes, sources = [], [], [], []
+        batches = self._batches(self.workers.share(data, self.batch_size), "scoring", view_side)
         shape = (self.grid[0] * self.grid[1], self.config.embed_dim)
         for features, batch in self.workers.feature_batches(batches, self._embed_timed, self.batch_size, shape):
             part = self._score(scoring, features)
-            scores.append(part.scores)
-            maps.append(part.maps)
-            sizes += batch.sizes
-            sources += batch.sources
-        if not scores:
-            raise ValueError("no images to score")
-        prediction = Prediction(torch.cat(scores), torch.cat(maps), self.bank.decision.threshold, sources=sources)
-        if on_original:
-            prediction.original_maps = [self.transform.to_original(m, w, h) for m, (w, h) in zip(prediction.maps, sizes)]
-        return prediction
+            part.sources, part.sizes = batch.sources, batch.sizes
+            yield part, batch
 
     @torch.no_grad()
     def score(self, features: torch.Tensor, batch_size: int = 64) -> Prediction:
@@ -204,7 +234,7 @@ class PatchCore:
             image_scores, patch_scores = scoring.patch_scores(features.to(self.device))
         with self.timings("maps"):
             maps = scoring.maps(patch_scores, self.bank.grid).cpu()
-        return Prediction(image_scores.cpu(), maps)
+        return Prediction(image_scores.cpu(), maps, self.bank.decision.threshold)
 
     @torch.no_grad()
     def calibrate(self, good_images, quantile: float = 0.99, defective_images=None) -> "PatchCore":

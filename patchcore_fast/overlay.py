@@ -45,7 +45,9 @@ def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low
     if mask is not None:
         out[contour(mask.cpu().numpy().astype(bool))] = (0.0, 1.0, 0.0)
     size = out.shape[0]
-    bar_width, label_width = max(8, size // 20), 64
+    # Text grows with the picture (10 px lines on a 224 px overlay, 2048 px: about 45 px).
+    font, line = _font(max(10, round(max(out.shape[:2]) / 45)))
+    bar_width, label_width = max(8, size // 20), 6 * line
     canvas = Image.new("RGB", (out.shape[1] + bar_width + label_width, size), (255, 255, 255))
     canvas.paste(Image.fromarray((out * 255).round().astype(np.uint8)), (0, 0))
     ramp = heat_colours(np.linspace(1, 0, size))[:, None, :].repeat(bar_width, axis=1)  # top = high
@@ -53,19 +55,32 @@ def save_overlay(path: Path, image: torch.Tensor, anomaly_map: torch.Tensor, low
     draw = ImageDraw.Draw(canvas)
     x = out.shape[1] + bar_width + 3
     for fraction, value in ((0.0, high), (0.5, (low + high) / 2), (1.0, low)):
-        y = min(max(int(fraction * size) - 5, 0), size - 11)
-        draw.text((x, y), _short(value), fill=(0, 0, 0))
+        y = min(max(int(fraction * size) - line // 2, 0), size - line - 1)
+        draw.text((x, y), _short(value), fill=(0, 0, 0), font=font)
     if score is not None:
-        text = f"score {_short(score)}"
-        draw.rectangle((0, 0, 6 * len(text) + 6, 13), fill=(0, 0, 0))
-        draw.text((3, 1), text, fill=(255, 255, 255))
+        _label(draw, 0, f"score {_short(score)}", (0, 0, 0), font, line)
         if threshold is not None:
             anomalous = score > threshold
             text = f"{score / threshold:.2f} x threshold: {'ANOMALOUS' if anomalous else 'normal'}"
-            draw.rectangle((0, 14, 6 * len(text) + 6, 27), fill=(200, 0, 0) if anomalous else (0, 110, 0))
-            draw.text((3, 15), text, fill=(255, 255, 255))
+            _label(draw, line + 4, text, (200, 0, 0) if anomalous else (0, 110, 0), font, line)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def _font(size: int):
+    """Pillow's built-in font at `size` px (its bitmap font where scalable fonts are missing)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size), size
+    except (TypeError, OSError):  # Pillow < 10.1, or no FreeType
+        return ImageFont.load_default(), 11
+
+
+def _label(draw, top: int, text: str, colour, font, line: int) -> None:
+    width = draw.textlength(text, font=font)
+    draw.rectangle((0, top, width + 6, top + line + 3), fill=colour)
+    draw.text((3, top + 1), text, fill=(255, 255, 255), font=font)
 
 
 def _short(value: float) -> str:

@@ -17,6 +17,8 @@ class Prediction:
     original_maps: list[torch.Tensor] | None = None
     #: Each scored image's file path (or position among in-memory images); skipped files are absent.
     sources: list | None = None
+    #: Each scored image's (width, height) as read.
+    sizes: list | None = None
 
     @property
     def normalized(self) -> torch.Tensor | None:

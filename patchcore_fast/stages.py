@@ -1,4 +1,4 @@
-"""StageTimes: wall seconds per named stage (features, coreset, index, scale, search, maps)."""
+"""StageTimes: wall seconds per named stage (decode, features, coreset, index, scale, search, maps)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ class StageTimes(defaultdict):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self[stage] += time.perf_counter() - start
+
+    def iterate(self, iterable, stage: str):
+        """The items of `iterable`, the time spent producing each added to `stage` (e.g. decoding
+        the next batch of images)."""
+        items = iter(iterable)
+        while True:
+            with self(stage):
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            yield item

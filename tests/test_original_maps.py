@@ -71,7 +71,7 @@ def test_cli_overlays_are_drawn_on_the_original_images(lite0, tmp_path):
     test = tmp_path / "test.png"
     texture(20, size=(130, 90), defect=True).save(test)
     assert main(["predict", str(model), str(test), "--out", str(tmp_path / "p"), "--quiet"]) == 0
-    overlay = Image.open(tmp_path / "p" / "0000_test.png")
+    overlay = Image.open(tmp_path / "p" / f"{tmp_path.name}_test.png")
     assert overlay.size[1] == 90 and overlay.size[0] > 130  # the image's own size, then the colour bar
     assert main(["predict", str(model), str(test), "--out", str(tmp_path / "q"), "--overlays", "model", "--quiet"]) == 0
-    assert Image.open(tmp_path / "q" / "0000_test.png").size[1] == 64
+    assert Image.open(tmp_path / "q" / f"{tmp_path.name}_test.png").size[1] == 64

@@ -155,7 +155,7 @@ def test_decompression_bomb_and_out_of_memory_are_user_errors(lite0, tmp_path, m
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(PatchCore, "predict", out_of_memory)
+    monkeypatch.setattr(PatchCore, "predict_batches", out_of_memory)
     small = write_images(tmp_path / "small", [1])
     assert main(["--quiet", "predict", str(model_path), str(small), "--out", str(tmp_path / "q"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
