@@ -21,8 +21,8 @@ def model():
 
 
 def test_onnx_scores_like_predict_with_any_batch(model, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (.ci/run installs it)")
-    pytest.importorskip("onnxscript", reason="onnxscript is not installed (.ci/run installs it)")
+    onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install --no-build-isolation -e ".[onnx]")')
+    pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install --no-build-isolation -e ".[onnx]")')
     path = export(model, tmp_path / "m.onnx")
     images = [texture(20 + i, size=(96, 80), defect=i % 2 == 1) for i in range(3)]
     assert check_onnx(model, path, images) < 1e-4
@@ -35,8 +35,8 @@ def test_onnx_scores_like_predict_with_any_batch(model, tmp_path):
 
 
 def test_check_fails_on_a_graph_that_scores_differently(model, tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (.ci/run installs it)")
-    pytest.importorskip("onnxscript", reason="onnxscript is not installed (.ci/run installs it)")
+    pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install --no-build-isolation -e ".[onnx]")')
+    pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install --no-build-isolation -e ".[onnx]")')
     other = PatchCore(backbone=load_backbone("efficientnet_lite0"), device="cpu", image_size=64, resize=72,
                       framing="center_crop", progress=False).fit([texture(i, size=(96, 80)) for i in range(30, 33)])
     path = export(other, tmp_path / "other.onnx")
@@ -63,8 +63,8 @@ def test_reweighting_models_are_refused(model, tmp_path):
 
 
 def test_cli_export_with_check(model, tmp_path, capsys):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (.ci/run installs it)")
-    pytest.importorskip("onnxscript", reason="onnxscript is not installed (.ci/run installs it)")
+    pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install --no-build-isolation -e ".[onnx]")')
+    pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install --no-build-isolation -e ".[onnx]")')
     model.save(tmp_path / "m.pcf")
     folder = tmp_path / "imgs"
     folder.mkdir()
