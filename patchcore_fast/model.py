@@ -89,17 +89,7 @@ class PatchCore:
     def grid(self) -> tuple[int, int]:
         """Patch grid (rows, cols) of one image: fixed by the backbone and the image size."""
         if self._grid is None:
-            size = self.config.image_size
-            try:
-                with torch.no_grad():
-                    self.embed(torch.zeros(1, 3, size, size))
-            except RuntimeError as error:  # e.g. a kernel larger than the feature map
-                raise ValueError(f"image_size {size} is too small for {self.config.backbone.name}: "
-                                 f"{str(error).splitlines()[0]}") from error
-            if min(self._grid) < 2:  # one patch per image: no neighbourhood, no map
-                grid, self._grid = self._grid, None
-                raise ValueError(f"image_size {size} gives {self.config.backbone.name} a {grid[0]} x {grid[1]} patch "
-                                 "grid; at least 2 x 2 is needed: raise image_size")
+            self._grid = self.features.grid(self.config.image_size, self.config.backbone.name)
         return self._grid
 
     def __repr__(self) -> str:
@@ -197,12 +187,7 @@ class PatchCore:
     def predict(self, data, on_original: bool = False) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts. With
         `on_original`, also each map drawn back on its own image (`Prediction.original_maps`)."""
-        parts = [part for part, _ in self.predict_batches(data)]
-        if not parts:
-            raise ValueError("no images to score")
-        prediction = Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]),
-                                self.bank.decision.threshold, sources=[s for p in parts for s in p.sources],
-                                sizes=[s for p in parts for s in p.sizes])
+        prediction = Prediction.concat([part for part, _ in self.predict_batches(data)], self.bank.decision.threshold)
         if on_original:
             prediction.original_maps = [self.transform.to_original(m, w, h)
                                         for m, (w, h) in zip(prediction.maps, prediction.sizes)]
@@ -226,8 +211,7 @@ class PatchCore:
         """Scores and maps (on the CPU) for patch features [images, patches, dim] from `extract`."""
         scoring = self.scoring_module()
         parts = [self._score(scoring, features[s : s + batch_size]) for s in range(0, len(features), batch_size)]
-        return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]),
-                          self.bank.decision.threshold)
+        return Prediction.concat(parts, self.bank.decision.threshold)
 
     def _score(self, scoring: ScoringModule, features: torch.Tensor) -> Prediction:
         with self.timings("search"):

@@ -29,3 +29,13 @@ class Prediction:
     def is_anomalous(self) -> torch.Tensor | None:
         """Scores above the threshold (None without one)."""
         return None if self.threshold is None else self.scores > self.threshold
+
+    @classmethod
+    def concat(cls, parts: list["Prediction"], threshold: float | None) -> "Prediction":
+        """One prediction of the parts' images, in order."""
+        if not parts:
+            raise ValueError("no images to score")
+        joined = (lambda name: None if getattr(parts[0], name) is None else
+                  [x for p in parts for x in getattr(p, name)])
+        return cls(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]), threshold,
+                   sources=joined("sources"), sizes=joined("sizes"))

@@ -29,6 +29,18 @@ class PatchFeatures(nn.Module):
         self.half_precision = half_precision
         self.device = device
 
+    @torch.no_grad()
+    def grid(self, image_size: int, name: str) -> tuple[int, int]:
+        """The patch grid of one image_size x image_size image; ValueError where it is too small."""
+        try:
+            _, grid = self(torch.zeros(1, 3, image_size, image_size))
+        except RuntimeError as error:  # e.g. a kernel larger than the feature map
+            raise ValueError(f"image_size {image_size} is too small for {name}: {str(error).splitlines()[0]}") from error
+        if min(grid) < 2:  # one patch per image: no neighbourhood, no map
+            raise ValueError(f"image_size {image_size} gives {name} a {grid[0]} x {grid[1]} patch grid; at least "
+                             "2 x 2 is needed: raise image_size")
+        return tuple(grid)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, 3, S, S] in [0, 1] -> (features [B, h * w, embed_dim], (h, w))."""
         images = images.to(self.device, non_blocking=True)
