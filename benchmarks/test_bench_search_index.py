@@ -1,7 +1,9 @@
 """Pruned exact search (PrunedIndex) against brute force on real and random features, on the CPU.
 
 Tire (MVTec 3D-AD RGB, EfficientNet-Lite0, centre crop): bank = the 10 % coreset of the
-164,640 training patches (16,464 x 1024), queries = all 87,808 test patches. Baselines in the
+164,640 training patches (16,464 x 1024), queries = all 87,808 test patches. The demo's textures
+(brick, grass, gravel) generated at 320 training images: bank = 10 % of 250,880 patches
+(25,088 x 1024), queries = all their test patches (70 images). Baselines in the
 same run: our brute-force `knn` on each CPU path and faiss-cpu IndexFlatL2. Every pruned run
 is checked against `knn` (identical floats and indices) before its time counts. Gaussian: the
 same shapes of i.i.d. N(0, 1) data, where the index decides not to prune.
@@ -16,26 +18,35 @@ import torch
 import patchcore_fast
 from baselines import faiss_flat_l2, flat_index
 from conftest import CPU_PATHS
-from real_features import tire_features, tire_test_features
+from real_features import texture_features, tire_features, tire_test_features
 
 from patchcore_fast.index import PrunedIndex
-from patchcore_fast.index.pruned import PROBES
+from patchcore_fast.index.pruned import PROBES, left_out_probes
+
+TEXTURES = ("brick", "grass", "gravel")
 
 ROUNDS = 3
 
 
+def bank_queries_probes(train, test):
+    """(bank, queries, probes): probes are training patches the coreset left out, as at fit time."""
+    picks = patchcore_fast.greedy_coreset(train, 0.1)
+    return train[picks].contiguous(), test, left_out_probes(train, picks, 0)
+
+
 @pytest.fixture(scope="module")
 def tire():
-    """(bank, queries, probes): probes are training patches the coreset left out, as at fit time."""
     train, test = tire_features(), tire_test_features()
     if train is None or test is None:
         pytest.skip("tire images not found (../shared/data)")
-    picks = patchcore_fast.greedy_coreset(train, 0.1)
-    left_out = torch.ones(len(train), dtype=torch.bool)
-    left_out[picks] = False
-    rows = left_out.nonzero().flatten()
-    probes = train[rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:PROBES]]]
-    return train[picks].contiguous(), test, probes
+    return bank_queries_probes(train, test)
+
+
+@functools.cache
+def texture(category):
+    """(bank, queries, probes, index) of a texture category, built once for every implementation."""
+    bank, queries, probes = bank_queries_probes(*texture_features(category))
+    return bank, queries, probes, PrunedIndex.build(bank, probes)
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +114,6 @@ def test_search_tire(tire, tire_index, tire_knn, benchmark, cpu_path, impl, k):
         assert differ == 0 and torch.equal(d, kd)
 
 
-def test_index_build_tire(tire, benchmark):
-    bank, _, probes = tire
-    benchmark.group = "search-index-build-tire-cpu"
-    index = benchmark.pedantic(PrunedIndex.build, (bank, probes), rounds=ROUNDS, iterations=1)
-    benchmark.extra_info.update(rank=index.rank, probe_share=index.probe_share, pays=index.pays)
-
-
 @pytest.mark.parametrize("impl", [f"index_{CPU_PATHS[-1]}", f"knn_{CPU_PATHS[-1]}"])
 def test_search_gaussian(gaussian, benchmark, cpu_path, impl):
     """The index refuses to prune random data; searching through it must cost what knn costs."""
@@ -120,3 +124,28 @@ def test_search_gaussian(gaussian, benchmark, cpu_path, impl):
     benchmark.extra_info.update(workload="N(0, 1) data of tire's shapes", probe_share=index.probe_share)
     d, i = run(benchmark, cpu_path, impl.replace("index_", "pruned_"), bank, queries, 1, index, rounds=2)
     assert i.shape == (len(queries), 1)
+
+
+@pytest.mark.parametrize("impl", [f"pruned_{p}" for p in CPU_PATHS if p != "generic"] +
+                         [f"knn_{p}" for p in CPU_PATHS if p != "generic"] + ["faiss_flat_l2"])
+@pytest.mark.parametrize("category", TEXTURES)
+def test_search_textures(category, benchmark, cpu_path, impl):
+    """The demo's textures at 320 training images: features whose low-dimensional structure needs
+    more directions than tire's; the index chooses its rank from the probes."""
+    bank, queries, _, index = texture(category)
+    benchmark.group = f"search-{category}-k1-cpu"
+    benchmark.extra_info.update(workload=f"{category} (320 training images) test patches vs 10 % bank",
+                                rank=index.rank, probe_share=index.probe_share, pays=index.pays)
+    d, i = run(benchmark, cpu_path, impl, bank, queries, 1, index, rounds=2)
+    if impl.startswith("pruned"):
+        kd, ki = patchcore_fast.knn(queries, bank, 1)
+        assert torch.equal(i, ki) and torch.equal(d, kd)
+
+
+@pytest.mark.parametrize("category", ("tire",) + TEXTURES)
+def test_index_build(category, request, benchmark):
+    """The build (rank chosen on the probes); compare with the coreset it follows (coreset benchmarks)."""
+    bank, _, probes = request.getfixturevalue("tire") if category == "tire" else texture(category)[:3]
+    benchmark.group = f"search-index-build-{category}-cpu"
+    index = benchmark.pedantic(PrunedIndex.build, (bank, probes), rounds=ROUNDS, iterations=1)
+    benchmark.extra_info.update(rank=index.rank, probe_share=index.probe_share, pays=index.pays)

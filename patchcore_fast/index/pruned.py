@@ -26,11 +26,16 @@ from ..knn import knn
 from .base import Index
 from .flat import FlatIndex
 
-#: The screen costs (rank + 2) / D of brute force's arithmetic: D / 16 keeps it near 6 %;
-#: on tire's 1024-d features rank 64 leaves ~2.5 % of the bank per block of queries
-#: (benchmarks/NOTES.md).
+#: The screen costs (rank + 2) / D of brute force's arithmetic and leaves fewer rows the more
+#: directions it has; how many fewer depends on the data (tire's 1024-d features: rank 64 leaves
+#: ~2.5 %; textures of grass or gravel: 90 % at rank 64, 3-5 % at rank 256). So the rank is chosen
+#: at build time from the probes among RANK_CHOICES (up to D / 2), minimising the predicted cost
+#: (rows left + the screen's own share). Without probes: D / 16, at most 64.
+RANK_CHOICES = (16, 32, 64, 128, 256)
 RANK_SHARE = 16
 MAX_RANK = 64
+#: Probes on which each candidate rank is measured (the kernel's own count of exact distances).
+RANK_PROBES = 512
 #: Pruning is used when the probes predict at most this share of brute force's time: below it
 #: the screen plus the exact rows are clearly cheaper; above it the gain is too small to matter.
 PAYS_BELOW = 0.5
@@ -69,42 +74,76 @@ class PrunedIndex(Index):
     @torch.no_grad()
     def build(cls, bank: torch.Tensor, probes: torch.Tensor | None = None, rank: int | None = None) -> "PrunedIndex":
         """The index of `bank` [M, D] (float32, searched on the CPU). `probes` [P, D]: queries like
-        the ones to come, to decide whether pruning pays (without them it is assumed to)."""
+        the ones to come, on which the rank is chosen (RANK_CHOICES, measured with the kernel) and
+        whether pruning pays is decided; without them the rank is D / 16 (at most 64) and pruning
+        is assumed to pay. `rank` fixes the rank."""
         bank = _checks.float_matrix(bank, "bank").cpu()
         m, d = bank.shape
-        if rank is None:
-            rank = max(1, min(MAX_RANK, d // RANK_SHARE))
-        rank = _checks.integer(rank, "rank", 1, d)
-        # float64 throughout, in chunks of rows (a float64 copy of a large bank would not fit)
+        if rank is not None:
+            ranks = [_checks.integer(rank, "rank", 1, d)]
+        else:
+            ranks = [r for r in RANK_CHOICES if r <= d // 2] if probes is not None else []
+            ranks = ranks or [max(1, min(MAX_RANK, d // RANK_SHARE))]
+        # The bank's principal directions: the covariance summed in float32 per chunk of rows and in
+        # float64 across chunks (any orthonormal basis keeps the search exact: the basis is then
+        # made orthonormal in float64 and its float32 rounding enters the margin).
         total, second = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         for chunk in bank.split(CHUNK_ROWS):
-            x = chunk.double()
-            total += x.sum(dim=0)
-            second += x.T @ x
+            total += chunk.double().sum(dim=0)
+            second += (chunk.T @ chunk).double()
         mean = total / m
         _, vectors = torch.linalg.eigh(second - m * torch.outer(mean, mean))  # m x the covariance
-        basis64, _ = torch.linalg.qr(vectors[:, -rank:].flip(1))  # orthonormal columns, leading first
-        basis64 = basis64.T.contiguous()
-        basis = basis64.float()
-        screen = torch.empty(m, rank + 2)
+        top = max(ranks)
+        basis64 = torch.linalg.qr(vectors[:, -top:].flip(1))[0].T.contiguous()  # orthonormal rows, leading first
+        # Per row, once for the largest rank: the projections y (float64, stored as float32), the
+        # squared norm of the part outside all `top` directions, and the squared norms of y's tails,
+        # so that every smaller rank r has rho_r^2 = rho_top^2 + sum_{j >= r} y_j^2 (a sum of
+        # positive terms: no cancellation; float64 error far below the float32 margin).
+        inside32 = torch.empty(m, top)
+        outside_sq = torch.empty(m, dtype=torch.float64)
+        tails = torch.empty(m, len(ranks), dtype=torch.float64)
+        half_sq = torch.empty(m)
         for start in range(0, m, CHUNK_ROWS):
             x = bank[start : start + CHUNK_ROWS].double()
             inside = x @ basis64.T
-            residual = (x - inside @ basis64).norm(dim=1) * (1 + 1e-9)
-            rows = screen[start : start + len(x)]
-            rows[:, :rank] = inside.float()
-            rows[:, rank] = _round_up(residual)
-            rows[:, rank + 1] = _half_square_norms(x)
-        index = cls(bank, basis, screen, float((basis.double() - basis64).norm()))
+            rows = slice(start, start + len(x))
+            inside32[rows] = inside.float()
+            outside_sq[rows] = (x - inside @ basis64).square().sum(dim=1)
+            tail = inside.square().flip(1).cumsum(1).flip(1)  # tail[:, j] = sum_{i >= j} y_i^2
+            tails[rows] = torch.stack([tail[:, r] if r < top else torch.zeros(len(x), dtype=torch.float64)
+                                       for r in ranks], dim=1)
+            half_sq[rows] = _half_square_norms(x)
+
+        def index_of_rank(n: int) -> "PrunedIndex":
+            r = ranks[n]
+            screen = torch.empty(m, r + 2)
+            screen[:, :r] = inside32[:, :r]
+            screen[:, r] = _round_up((outside_sq + tails[:, n]).sqrt() * (1 + 1e-9))
+            screen[:, r + 1] = half_sq
+            basis = basis64[:r].float().contiguous()
+            return cls(bank, basis, screen, float((basis.double() - basis64[:r]).norm()))
+
         if probes is None:
-            return index
+            return index_of_rank(0)
         probes = _checks.float_matrix(probes, "probes").cpu()
-        if len(probes) > PROBES:
-            pick = torch.randperm(len(probes), generator=torch.Generator().manual_seed(0))[:PROBES]
+        if len(probes) > RANK_PROBES:
+            pick = torch.randperm(len(probes), generator=torch.Generator().manual_seed(0))[:RANK_PROBES]
             probes = probes[pick.sort().values]
-        index.probe_share = index.measure(probes)
-        index.pays = index.probe_share + (rank + 2) / d <= PAYS_BELOW
-        return index
+        # Measured, not modelled: the kernel's own count on the probes, from the largest rank down
+        # (cheap to measure: few rows survive) until the cost stops falling; the cost is the exact
+        # distances plus the screen, as shares of brute force's arithmetic.
+        best, best_cost = None, math.inf
+        for n in reversed(range(len(ranks))):
+            index = index_of_rank(n)
+            index.probe_share = index.measure(probes)
+            cost = index.probe_share + (ranks[n] + 2) / d
+            if cost >= best_cost:
+                break
+            best, best_cost = index, cost
+            if index.probe_share + (ranks[0] + 2) / d > PAYS_BELOW:
+                break  # a smaller rank's bound is weaker: it leaves at least these rows and cannot pay
+        best.pays = best_cost <= PAYS_BELOW
+        return best
 
     def measure(self, probes: torch.Tensor, k: int = 1) -> float:
         """Share of brute force's exact distances the pruned search computes for `probes`."""
