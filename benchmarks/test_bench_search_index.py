@@ -103,8 +103,9 @@ def test_search_tire(tire, tire_index, tire_knn, benchmark, cpu_path, impl, k):
         pytest.skip("k = 9: ours against our brute force only")
     index = tire_index
     benchmark.group = f"search-tire-k{k}-cpu"
-    benchmark.extra_info.update(workload="tire test patches vs 10 % bank", probe_share=index.probe_share,
-                                pays=index.pays)
+    benchmark.extra_info.update(workload="tire test patches vs 10 % bank", rank=index.rank,
+                                first_rank=index.first_rank, probe_share=index.probe_share,
+                                probe_cost=index.probe_cost, pays=index.pays)
     d, i = run(benchmark, cpu_path, impl, bank, queries, k, index)
     if impl.startswith("pruned"):
         assert index.pays
@@ -135,17 +136,30 @@ def test_search_textures(category, benchmark, cpu_path, impl):
     bank, queries, _, index = texture(category)
     benchmark.group = f"search-{category}-k1-cpu"
     benchmark.extra_info.update(workload=f"{category} (320 training images) test patches vs 10 % bank",
-                                rank=index.rank, probe_share=index.probe_share, pays=index.pays)
+                                rank=index.rank, first_rank=index.first_rank, probe_share=index.probe_share,
+                                probe_cost=index.probe_cost, pays=index.pays)
     d, i = run(benchmark, cpu_path, impl, bank, queries, 1, index, rounds=2)
     if impl.startswith("pruned"):
         kd, ki = patchcore_fast.knn(queries, bank, 1)
         assert torch.equal(i, ki) and torch.equal(d, kd)
 
 
+@pytest.mark.parametrize("stage", ["coreset", "index"])
 @pytest.mark.parametrize("category", ("tire",) + TEXTURES)
-def test_index_build(category, request, benchmark):
-    """The build (rank chosen on the probes); compare with the coreset it follows (coreset benchmarks)."""
-    bank, _, probes = request.getfixturevalue("tire") if category == "tire" else texture(category)[:3]
+def test_index_build(category, stage, request, benchmark):
+    """The build (rank and cascade chosen on the probes) against the coreset it follows, on the
+    same data in the same run: the build should stay a small part of the fit."""
+    if category == "tire":
+        bank, _, probes = request.getfixturevalue("tire")
+        train = tire_features()
+    else:
+        bank, _, probes, _ = texture(category)
+        train = texture_features(category)[0]
     benchmark.group = f"search-index-build-{category}-cpu"
+    if stage == "coreset":
+        benchmark.extra_info.update(baseline=True)
+        benchmark.pedantic(patchcore_fast.greedy_coreset, (train, 0.1), rounds=1, iterations=1)
+        return
     index = benchmark.pedantic(PrunedIndex.build, (bank, probes), rounds=ROUNDS, iterations=1)
-    benchmark.extra_info.update(rank=index.rank, probe_share=index.probe_share, pays=index.pays)
+    benchmark.extra_info.update(rank=index.rank, first_rank=index.first_rank, probe_share=index.probe_share,
+                                probe_cost=index.probe_cost, pays=index.pays)

@@ -123,18 +123,30 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   return without_gil([&] { return patchcore::knn_cpu(queries, bank, k, report); });
 }
 
-std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
-                                                       const at::Tensor& basis, const at::Tensor& bank_screen,
-                                                       double basis_rounding, const py::object& progress) {
+std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned(const at::Tensor& queries, const at::Tensor& bank,
+                                                                int64_t k, const at::Tensor& basis,
+                                                                const at::Tensor& bank_screen, double basis_rounding,
+                                                                const std::optional<at::Tensor>& bank_extension,
+                                                                const py::object& progress) {
   TORCH_CHECK_VALUE(queries.is_cpu() && bank.is_cpu() && basis.is_cpu() && bank_screen.is_cpu(),
                     "knn_pruned: CPU tensors only");
   TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
                     "knn_pruned: queries [Q, D] and bank [M, D] must be 2-D with the same D");
   TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(0) >= 1 && basis.size(1) == bank.size(1),
                     "knn_pruned: basis must be [rank, D]");
-  TORCH_CHECK_VALUE(bank_screen.dim() == 2 && bank_screen.size(0) == bank.size(0) &&
-                        bank_screen.size(1) == basis.size(0) + 2,
-                    "knn_pruned: bank_screen must be [M, rank + 2]");
+  if (bank_extension.has_value()) {
+    const at::Tensor& e = *bank_extension;
+    TORCH_CHECK_VALUE(e.is_cpu() && e.scalar_type() == at::kFloat, "knn_pruned: bank_extension must be CPU float32");
+    TORCH_CHECK_VALUE(bank_screen.dim() == 2 && bank_screen.size(0) == bank.size(0) && bank_screen.size(1) >= 3 &&
+                          bank_screen.size(1) < basis.size(0) + 2,
+                      "knn_pruned: with an extension, bank_screen must be [M, r1 + 2] with 1 <= r1 < rank");
+    TORCH_CHECK_VALUE(e.dim() == 2 && e.size(0) == bank.size(0) && e.size(1) == basis.size(0) + 4 - bank_screen.size(1),
+                      "knn_pruned: bank_extension must be [M, rank - r1 + 2]");
+  } else {
+    TORCH_CHECK_VALUE(bank_screen.dim() == 2 && bank_screen.size(0) == bank.size(0) &&
+                          bank_screen.size(1) == basis.size(0) + 2,
+                      "knn_pruned: bank_screen must be [M, rank + 2]");
+  }
   TORCH_CHECK_VALUE(queries.scalar_type() == at::kFloat && bank.scalar_type() == at::kFloat &&
                         basis.scalar_type() == at::kFloat && bank_screen.scalar_type() == at::kFloat,
                     "knn_pruned: tensors must be float32");
@@ -142,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned(const at::Tensor& queries
   TORCH_CHECK_VALUE(basis_rounding >= 0 && basis_rounding < 1e-3, "knn_pruned: basis_rounding out of range");
   const auto report = python_progress(progress);
   return without_gil([&] {
-    return patchcore::knn_pruned_cpu(queries, bank, k, basis, bank_screen, basis_rounding, report);
+    return patchcore::knn_pruned_cpu(queries, bank, k, basis, bank_screen, bank_extension, basis_rounding, report);
   });
 }
 
@@ -222,9 +234,10 @@ PYBIND11_MODULE(_C, m) {
         "Exact top-k squared L2 (validated inputs; see patchcore_fast.knn). On the CPU, progress(queries_done) "
         "is called at most 5 times a second and Ctrl-C stops the search.");
   m.def("knn_pruned", &knn_pruned, py::arg("queries"), py::arg("bank"), py::arg("k"), py::arg("basis"),
-        py::arg("bank_screen"), py::arg("basis_rounding"), py::arg("progress") = py::none(),
-        "Exact top-k as knn on the CPU, skipping bank rows a bound rules out (see patchcore_fast.search_index). "
-        "Returns (distances, indices, exact distances computed).");
+        py::arg("bank_screen"), py::arg("basis_rounding"), py::arg("bank_extension") = py::none(),
+        py::arg("progress") = py::none(),
+        "Exact top-k as knn on the CPU, skipping bank rows a bound rules out (see patchcore_fast.index.pruned). "
+        "Returns (distances, indices, exact distances computed, extension terms screened).");
   m.def("fixed_order_projection", &fixed_order_projection, py::arg("features"), py::arg("weights"),
         "features @ weights.T with every element summed in one fixed order (the same float for a row "
         "whatever the batch, thread count or CPU path)");

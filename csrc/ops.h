@@ -32,9 +32,12 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::
 // (patchcore_fast/search_index.py builds `basis` [rank, D] and `bank_screen` [M, rank + 2];
 // basis_rounding = ||basis - its float64 original||_F). Returns (distances, indices, exact
 // query-row distances computed, out of Q x M for brute force).
-std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
-                                                           const at::Tensor& basis, const at::Tensor& bank_screen,
-                                                           double basis_rounding, const Progress& progress = {});
+// (distances, indices, exact distances computed, extension terms screened); bank_extension:
+// the cascade's second screen (knn_pruned_cpu.cpp), or none.
+std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
+    const at::Tensor& queries, const at::Tensor& bank, int64_t k, const at::Tensor& basis,
+    const at::Tensor& bank_screen, const std::optional<at::Tensor>& bank_extension, double basis_rounding,
+    const Progress& progress = {});
 
 // Greedy-coreset pieces whose floats depend on the row alone (coreset_setup_cpu.cpp): the random
 // projection (rows x weights^T), each row's mean distance to `centres`, and one greedy step: rows

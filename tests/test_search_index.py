@@ -22,17 +22,26 @@ def cpu_path(request, monkeypatch):
 
 def pruned(queries, bank, k, index):
     """The kernel itself (no build-time decision): (distances, indices, share of brute force computed)."""
-    d, i, computed = _C.knn_pruned(queries, bank, k, index.basis, index.bank_screen, index.basis_rounding)
+    d, i, computed, _ = _C.knn_pruned(queries, bank, k, index.basis, index.bank_screen, index.basis_rounding,
+                                      index.bank_extension)
     return d, i, computed / (len(queries) * len(bank))
 
 
 def assert_same_as_knn(queries, bank, k, index=None, rank=None):
-    index = index or PrunedIndex.build(bank, rank=rank)
-    d, i, share = pruned(queries, bank, k, index)
+    """The pruned kernel's answers are knn's, with the index given or built at `rank`, and (when
+    rank >= 2) also as a cascade whose first screen has half the directions."""
+    indexes = [index or PrunedIndex.build(bank, rank=rank)]
+    if index is None and rank >= 2:
+        indexes.append(PrunedIndex.build(bank, rank=rank, first_rank=rank // 2))
     kd, ki = knn(queries, bank, k)
-    assert torch.equal(i, ki), f"indices differ in {(i != ki).any(1).sum()} queries"
-    assert torch.equal(d.view(torch.int32), kd.view(torch.int32))  # bit for bit, signed zeros too
-    return share
+    shares = []
+    for index in indexes:
+        d, i, share = pruned(queries, bank, k, index)
+        kind = "cascade" if index.bank_extension is not None else "single screen"
+        assert torch.equal(i, ki), f"{kind}: indices differ in {(i != ki).any(1).sum()} queries"
+        assert torch.equal(d.view(torch.int32), kd.view(torch.int32)), kind  # bit for bit, signed zeros too
+        shares.append(share)
+    return shares[0]
 
 
 def low_rank_rows(rows, dim, rank, generator, noise=0.05, scale=10.0):
@@ -162,9 +171,62 @@ def test_bad_input_is_refused_clearly():
         PrunedIndex.build(bank, rank=17)
     with pytest.raises(ValueError, match="overflow"):
         index.search(torch.full((3, 16), 1e37), prune=True)
+    with pytest.raises(ValueError, match="first_rank must be in"):
+        PrunedIndex.build(bank, rank=4, first_rank=4)
+    with pytest.raises(ValueError, match="first_rank needs rank"):
+        PrunedIndex.build(bank, first_rank=2)
+    cascade = PrunedIndex.build(bank, rank=6, first_rank=2)
+    tensors, meta = cascade.state()
+    restored = PrunedIndex.restore(bank, tensors, meta)
+    assert torch.equal(restored.bank_extension, cascade.bank_extension) and restored.first_rank == 2
+    broken = dict(tensors, search_bank_extension=tensors["search_bank_extension"].clone())
+    broken["search_bank_extension"][7, -1] += 1.0  # no longer undoes the first screen's residual bound
+    with pytest.raises(ValueError, match="cascade does not match"):
+        PrunedIndex.restore(bank, broken, meta)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        PrunedIndex.restore(bank, {k: v for k, v in tensors.items() if k != "search_bank_extension"}, meta)
     if compiled(torch.device("cpu")):
         with pytest.raises(ValueError, match="bank_screen"):
             _C.knn_pruned(torch.randn(3, 16), bank, 1, index.basis, index.bank_screen[:, :-1], 0.0)
+        with pytest.raises(ValueError, match="bank_extension"):
+            _C.knn_pruned(torch.randn(3, 16), bank, 1, cascade.basis, cascade.bank_screen, 0.0,
+                          cascade.bank_extension[:, 1:])
+
+
+@needs_kernels
+def test_cascade_screens_again_only_what_its_first_stage_keeps():
+    g = torch.Generator().manual_seed(12)
+    # 4 strong directions and 28 weaker ones: rank 4 alone leaves many rows, rank 32 few
+    scales = torch.cat([torch.full((4,), 20.0), torch.full((28,), 4.0)])
+    basis = torch.linalg.qr(torch.randn(128, 32, generator=g, dtype=torch.float64))[0].T
+    rows = lambda n: ((torch.randn(n, 32, generator=g, dtype=torch.float64) * scales) @ basis).float()
+    bank, q = rows(4000), rows(600)
+    cascade = PrunedIndex.build(bank, rank=32, first_rank=4)
+    single = PrunedIndex.build(bank, rank=32)
+    first_only = PrunedIndex.build(bank, rank=4)
+    assert_same_as_knn(q, bank, 3, index=cascade)
+    *_, computed, extended = _C.knn_pruned(q, bank, 3, cascade.basis, cascade.bank_screen, cascade.basis_rounding,
+                                           cascade.bank_extension)
+    pairs = len(q) * len(bank)
+    # the extension sees exactly what a rank-4 screen would compute; the exact rows are about the rank-32 screen's
+    assert 0 < extended / pairs <= first_only.measure(q, k=3) + 0.02
+    assert computed / pairs < 0.5 * (extended / pairs)
+    assert computed / pairs <= single.measure(q, k=3) * 1.5 + 0.01
+    assert cascade.measure(q, k=3) == computed / pairs
+    assert cascade.probe_cost < single.probe_cost  # the cascade's screen is cheaper here
+
+
+@needs_kernels
+def test_build_chooses_among_single_screens_and_cascades_by_measured_cost():
+    g = torch.Generator().manual_seed(13)
+    bank = low_rank_rows(3000, 512, 16, g)
+    index = PrunedIndex.build(bank, low_rank_rows(600, 512, 16, g))
+    candidates = [PrunedIndex.build(bank, rank=r) for r in (16, 32, 64)]
+    probes = low_rank_rows(600, 512, 16, g)
+    for c in candidates:
+        c.measure(probes)
+    assert index.rank in (16, 32, 64, 128, 256) and index.pays
+    assert index.probe_cost <= min(c.probe_cost for c in candidates) * 1.5
 
 
 @needs_kernels

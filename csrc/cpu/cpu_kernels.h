@@ -53,7 +53,9 @@ struct KnnBlock {
 // Queries go in blocks of panel_width, taken in `order` (neighbours together, so the rows
 // their bounds leave are mostly the same); per block and bank chunk: the screen in
 // screen_dim dimensions, exact distances to each query's best-screened rows (thresholds),
-// then exact distances to every row that survives some query's cut.
+// then exact distances to every row that survives some query's cut. With an extension (a
+// cascade), the rows the first screen keeps are screened again with more directions (only
+// their extension_dim extra terms are computed) before any exact distance.
 struct PrunedKnn {
   const float* queries;         // [Q, dim]
   const float* query_norm_sq;   // [Q] float32, as knn computes it
@@ -64,11 +66,14 @@ struct PrunedKnn {
   const float* bank;            // [M, dim]
   const float* bank_norm_sq;    // [M] float32, as knn computes it
   const float* bank_screen;     // [M, screen_dim]: Y_b, R_b, H_b
-  int64_t dim, screen_dim, num_queries, num_bank, k;
+  const float* query_extension; // [Q, extension_dim]: Y_q of the further directions, R_q', R_q (or null)
+  const float* bank_extension;  // [M, extension_dim]: Y_b of the further directions, R_b', -R_b (or null)
+  int64_t dim, screen_dim, extension_dim, num_queries, num_bank, k;
   int64_t chunk_rows;           // bank rows screened at once (bounds the scratch memory)
   float* out_distance;          // [Q, k]
   int64_t* out_index;           // [Q, k]
   int64_t* exact_rows;          // [blocks]: bank rows computed exactly for each block
+  int64_t* extended_rows;       // [blocks]: bank rows screened again by the extension
 };
 
 struct Kernels {

@@ -2,11 +2,13 @@
 // patchcore_fast.SearchIndex.
 //
 // The index (built in Python at fit time) holds `rank` principal directions of the bank and,
-// per bank row, its screen vector (Y_b, R_b, H_b); see search_bound.h for the bound and its
-// rounding margin. Here: each query's screen vector (its projection by the kernels' own
-// dot products, an upper bound on its residual norm, 1) and margin, an order that puts
-// similar queries in the same block, and the blocks through the instruction-set kernel
-// (isa/knn_pruned.h). Results are knn_cpu's, float for float.
+// per bank row, its screen vector (Y_b, R_b, H_b) over the leading r1 <= rank of them and, for
+// a cascade (r1 < rank), its extension over the rest (Y_b[r1:], R_b at the full rank, -R_b1);
+// see search_bound.h for the bound and its rounding margin. Here: each query's screen and
+// extension vectors (its projection by the kernels' own dot products, upper bounds on its
+// residual norms, 1) and margin, an order that puts similar queries in the same block, and the
+// blocks through the instruction-set kernel (isa/knn_pruned.h). Results are knn_cpu's, float
+// for float.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -59,22 +62,25 @@ void neighbourhood_order(const float* y, int64_t stride, int64_t dims, int64_t* 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& queries_in, const at::Tensor& bank_in,
-                                                           int64_t k, const at::Tensor& basis_in,
-                                                           const at::Tensor& bank_screen_in, double basis_rounding,
-                                                           const Progress& progress) {
+std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
+    const at::Tensor& queries_in, const at::Tensor& bank_in, int64_t k, const at::Tensor& basis_in,
+    const at::Tensor& bank_screen_in, const std::optional<at::Tensor>& bank_extension_in, double basis_rounding,
+    const Progress& progress) {
   const cpu::Kernels& kernels = cpu::kernels();
   const at::Tensor queries = queries_in.contiguous();
   const at::Tensor bank = bank_in.contiguous();
   const at::Tensor basis = basis_in.contiguous();
   const at::Tensor bank_screen = bank_screen_in.contiguous();
+  const bool cascade = bank_extension_in.has_value();
+  const at::Tensor bank_extension = cascade ? bank_extension_in->contiguous() : at::Tensor();
   const int64_t num_queries = queries.size(0), num_bank = bank.size(0), dim = queries.size(1);
-  const int64_t rank = basis.size(0), screen_dim = rank + 2, width = kernels.panel_width;
+  const int64_t rank = basis.size(0), screen_dim = bank_screen.size(1), first = screen_dim - 2;
+  const int64_t extension_dim = cascade ? rank - first + 2 : 0, width = kernels.panel_width;
   const double c = cpu::search_bound::projection_error(basis_rounding, rank, dim);
 
   at::Tensor out_dist = at::full({num_queries, k}, std::numeric_limits<float>::infinity(), queries.options());
   at::Tensor out_index = at::full({num_queries, k}, -1, queries.options().dtype(at::kLong));
-  if (num_queries == 0) return {out_dist, out_index, 0};
+  if (num_queries == 0) return {out_dist, out_index, 0, 0};
 
   const auto f32 = queries.options();
   const auto f64 = queries.options().dtype(at::kDouble);
@@ -99,23 +105,36 @@ std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& que
   at::parallel_for(0, num_queries, 64, [&](int64_t lo, int64_t hi) { kernels.project(q, dim, lo, hi, p, panels, y, proj_stride); });
 
   at::Tensor screen = at::empty({num_queries, screen_dim}, f32);
+  at::Tensor extension = at::empty({num_queries, extension_dim}, f32);
   at::Tensor norm64 = at::empty({num_queries}, f64), margin = at::empty({num_queries}, f64);
   float* sc = screen.data_ptr<float>();
+  float* ex = extension.data_ptr<float>();
   double* n64 = norm64.data_ptr<double>();
   double* mg = margin.data_ptr<double>();
   at::parallel_for(0, num_queries, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      double norm_sq = 0, projected_sq = 0;  // float products are exact in double
+      double norm_sq = 0, first_sq = 0, projected_sq = 0;  // float products are exact in double
       for (int64_t j = 0; j < dim; ++j) norm_sq += static_cast<double>(q[i * dim + j]) * q[i * dim + j];
       for (int64_t j = 0; j < rank; ++j) {
-        sc[i * screen_dim + j] = y[i * proj_stride + j];
-        projected_sq += static_cast<double>(y[i * proj_stride + j]) * y[i * proj_stride + j];
+        const float yj = y[i * proj_stride + j];
+        if (j < first) sc[i * screen_dim + j] = yj;
+        else ex[i * extension_dim + j - first] = yj;
+        projected_sq += static_cast<double>(yj) * yj;
+        if (j == first - 1) first_sq = projected_sq;
       }
-      sc[i * screen_dim + rank] =
-          cpu::search_bound::round_up(cpu::search_bound::residual_upper(norm_sq, std::sqrt(projected_sq), c));
-      sc[i * screen_dim + rank + 1] = 1.f;
+      // R_q at rank r1 for the first screen; for a cascade, R_q at the full rank and R_q1 again
+      // (against the bank's -R_b1) in the extension.
+      const float first_residual =
+          cpu::search_bound::round_up(cpu::search_bound::residual_upper(norm_sq, std::sqrt(first_sq), c));
+      sc[i * screen_dim + first] = first_residual;
+      sc[i * screen_dim + first + 1] = 1.f;
+      if (cascade) {
+        ex[i * extension_dim + rank - first] =
+            cpu::search_bound::round_up(cpu::search_bound::residual_upper(norm_sq, std::sqrt(projected_sq), c));
+        ex[i * extension_dim + rank - first + 1] = first_residual;
+      }
       n64[i] = norm_sq;
-      mg[i] = cpu::search_bound::margin(std::sqrt(norm_sq), bank_norm_max, c, rank, dim);
+      mg[i] = cpu::search_bound::margin(std::sqrt(norm_sq), bank_norm_max, c, rank, dim, cascade);
     }
   });
 
@@ -130,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& que
   });
 
   const int64_t blocks = (num_queries + width - 1) / width;
-  std::vector<int64_t> exact_rows(blocks, 0);
+  std::vector<int64_t> exact_rows(blocks, 0), extended_rows(blocks, 0);
   const cpu::PrunedKnn search{q,
                               query_norms.data_ptr<float>(),
                               sc,
@@ -140,15 +159,19 @@ std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& que
                               bank.data_ptr<float>(),
                               bank_norms.data_ptr<float>(),
                               bank_screen.data_ptr<float>(),
+                              cascade ? ex : nullptr,
+                              cascade ? bank_extension.data_ptr<float>() : nullptr,
                               dim,
                               screen_dim,
+                              extension_dim,
                               num_queries,
                               num_bank,
                               k,
                               std::min<int64_t>(num_bank, 1 << 15),
                               out_dist.data_ptr<float>(),
                               out_index.data_ptr<int64_t>(),
-                              exact_rows.data()};
+                              exact_rows.data(),
+                              extended_rows.data()};
   // Slabs between progress reports: as many blocks as brute force would search in ~2^35 multiply-adds.
   const int64_t slab = std::max<int64_t>(8, (int64_t{1} << 35) / std::max<int64_t>(num_bank * dim, 1) / width);
   for (int64_t b0 = 0; b0 < blocks; b0 += slab) {
@@ -156,8 +179,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t> knn_pruned_cpu(const at::Tensor& que
     at::parallel_for(b0, b1, 1, [&](int64_t lo, int64_t hi) { kernels.knn_pruned(search, lo, hi); });
     if (progress && !progress(std::min(num_queries, b1 * width))) break;
   }
-  // Distances computed: every exact row against a whole block's panel.
-  return {out_dist, out_index, std::accumulate(exact_rows.begin(), exact_rows.end(), int64_t{0}) * width};
+  // Distances computed, and extension terms screened: every row against a whole block's panel.
+  return {out_dist, out_index, std::accumulate(exact_rows.begin(), exact_rows.end(), int64_t{0}) * width,
+          std::accumulate(extended_rows.begin(), extended_rows.end(), int64_t{0}) * width};
 }
 
 }  // namespace patchcore

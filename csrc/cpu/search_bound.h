@@ -27,6 +27,16 @@
 // all multiplied by 1.01 for the double arithmetic that evaluates it. A row whose d exceeds the
 // query's current k-th distance `thr` can never enter its list, so the search may skip b when
 //    t < cut(q) = (N_q - thr - margin(q)) / 2     (rounded down to float32).
+// 4. A cascade. The first screen uses the leading r1 of the rank directions: t1 over r1 + 2
+//    terms (Y_q[:r1], R_q1 = R at rank r1, 1) . (Y_b[:r1], R_b1, H_b). Rows it keeps are screened
+//    again by adding e = (Y_q[r1:], R_q, R_q1) . (Y_b[r1:], R_b, -R_b1), so that in reals
+//    t2 = t1 + e = Y_q.Y_b + R_q R_b + H_b, step 3's value at the full rank. The float32 t2 is
+//    a sum of n = rank + 4 products in some order, off by at most g(n) times the sum of their
+//    magnitudes, which Cauchy-Schwarz on (Y, R, R1) (norms under sqrt(2) x 1.005 |x|) bounds by
+//    2.03 |q||b| + 0.51 N_b. The prefix bounds of steps 2-3 hold for t1 as well (|Y_q[:r1] -
+//    y_q[:r1]| <= c |q|, and R_q1, R_b1 bound the rank-r1 residuals), with fewer terms. So one
+//    margin, margin(q) with g(rank + 4) and 2.03 in the first term, covers both stages, and
+//    both compare with the same cut(q).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -44,12 +54,15 @@ static inline double projection_error(double basis_rounding, int64_t rank, int64
   return basis_rounding + std::sqrt(static_cast<double>(rank)) * gamma(static_cast<double>(dim)) + 1e-12;
 }
 
-// margin(q) above, for |q| = query_norm and every |b| <= bank_norm_max.
-static inline double margin(double query_norm, double bank_norm_max, double c, int64_t rank, int64_t dim) {
+// margin(q) above, for |q| = query_norm and every |b| <= bank_norm_max; `cascade`: step 4's
+// margin (a screen with an extension), which also covers its first stage.
+static inline double margin(double query_norm, double bank_norm_max, double c, int64_t rank, int64_t dim,
+                            bool cascade) {
   const double q = query_norm, b = bank_norm_max, u = kUnitRoundoff;
-  const double m = 2 * gamma(static_cast<double>(rank + 2)) * (1.01 * q * b + 0.51 * b * b) + u * b * b +
+  const double terms = static_cast<double>(cascade ? rank + 4 : rank + 2), cross = cascade ? 2.03 : 1.01;
+  const double m = 2 * gamma(terms) * (cross * q * b + 0.51 * b * b) + u * b * b +
                    2 * (1.01 * c + 1.02 * u) * q * b + gamma(static_cast<double>(dim + 3)) * (q + b) * (q + b) +
-                   static_cast<double>(dim + rank + 8) * kUnderflowPerTerm;
+                   static_cast<double>(dim + rank + 10) * kUnderflowPerTerm;
   return 1.01 * m;
 }
 

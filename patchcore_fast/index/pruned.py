@@ -8,9 +8,13 @@ distance, computed exactly as `knn` computes it. The results are `knn`'s, float 
 index for index; the rounding margin that makes this rigorous is derived in
 csrc/cpu/search_bound.h.
 
-Whether pruning pays is measured at build time on probe queries (patches like the ones to
-come, e.g. training patches the coreset left out). Where it does not (random data, small D,
-a tiny bank), `search` is plain `knn`. The screen runs on the CPU; on another device the index
+Where many directions are needed (textures), the screen itself becomes the cost; the index can
+then be a cascade: a screen over the leading r1 directions for every row, and the remaining
+rank - r1 directions added only for the rows it keeps (the same bound, the same margin).
+
+Whether pruning pays, the rank and the cascade are chosen at build time from measurements on
+probe queries (patches like the ones to come, e.g. training patches the coreset left out).
+Where pruning does not pay (random data, small D, a tiny bank), `search` is plain `knn`. The screen runs on the CPU; on another device the index
 is a FlatIndex of the same rows (`to`).
 """
 
@@ -36,6 +40,10 @@ RANK_SHARE = 16
 MAX_RANK = 64
 #: Probes on which each candidate rank is measured (the kernel's own count of exact distances).
 RANK_PROBES = 512
+#: The descent through RANK_CHOICES stops at a rank whose screen leaves this share of the bank:
+#: a smaller rank leaves at least as many rows, so it can neither be the final screen nor save
+#: much as a cascade's first stage (which saves at most 1 - share of the further directions).
+STAGE_LEAVES_AT_MOST = 0.75
 #: Pruning is used when the probes predict at most this share of brute force's time: below it
 #: the screen plus the exact rows are clearly cheaper; above it the gain is too small to matter.
 PAYS_BELOW = 0.5
@@ -51,12 +59,18 @@ class PrunedIndex(Index):
     kind = "pruned"
 
     def __init__(self, vectors: torch.Tensor, basis: torch.Tensor, bank_screen: torch.Tensor, basis_rounding: float,
-                 probe_share: float = 0.0, pays: bool = True):
+                 probe_share: float = 0.0, pays: bool = True, bank_extension: torch.Tensor | None = None,
+                 probe_cost: float | None = None):
         self._vectors = vectors
         self.basis = basis              # [rank, D] float32: top principal directions of the bank
-        self.bank_screen = bank_screen  # [M, rank + 2] float32: projection, residual bound, -|b|^2 / 2
+        self.bank_screen = bank_screen  # [M, r1 + 2] float32: projection on the first r1, residual bound, -|b|^2 / 2
+        # [M, rank - r1 + 2] float32 for a cascade (r1 < rank): projection on the rest, residual
+        # bound at the full rank, minus the rank-r1 bound; None when r1 = rank.
+        self.bank_extension = bank_extension
         self.basis_rounding = basis_rounding  # ||basis - its float64 original||_F
         self.probe_share = probe_share  # exact distances the probes needed, as a share of brute force's
+        # the probes' predicted time as a share of brute force's: screen, extension and exact rows
+        self.probe_cost = probe_share + self._screen_cost(1.0) if probe_cost is None else probe_cost
         self.pays = pays                # pruning predicted to take at most PAYS_BELOW of brute force's time
 
     @property
@@ -67,20 +81,38 @@ class PrunedIndex(Index):
     def rank(self) -> int:
         return self.basis.shape[0]
 
+    @property
+    def first_rank(self) -> int:
+        """Directions of the first screen (= rank unless the index is a cascade)."""
+        return self.bank_screen.shape[1] - 2
+
+    def _screen_cost(self, extended_share: float) -> float:
+        """The screens' arithmetic as a share of brute force's, `extended_share` of the rows
+        reaching the extension."""
+        d = self._vectors.shape[1]
+        extension = 0 if self.bank_extension is None else self.bank_extension.shape[1]
+        return (self.first_rank + 2) / d + extended_share * extension / d
+
     def __len__(self) -> int:
         return len(self._vectors)
 
     @classmethod
     @torch.no_grad()
-    def build(cls, bank: torch.Tensor, probes: torch.Tensor | None = None, rank: int | None = None) -> "PrunedIndex":
+    def build(cls, bank: torch.Tensor, probes: torch.Tensor | None = None, rank: int | None = None,
+              first_rank: int | None = None) -> "PrunedIndex":
         """The index of `bank` [M, D] (float32, searched on the CPU). `probes` [P, D]: queries like
-        the ones to come, on which the rank is chosen (RANK_CHOICES, measured with the kernel) and
-        whether pruning pays is decided; without them the rank is D / 16 (at most 64) and pruning
-        is assumed to pay. `rank` fixes the rank."""
+        the ones to come, on which the rank and the cascade are chosen (RANK_CHOICES, measured with
+        the kernel) and whether pruning pays is decided; without them the rank is D / 16 (at most
+        64) and pruning is assumed to pay. `rank` fixes the rank, and `first_rank` (< rank) makes
+        the index a cascade with a first screen of that many directions."""
         bank = _checks.float_matrix(bank, "bank").cpu()
         m, d = bank.shape
+        if first_rank is not None and rank is None:
+            raise ValueError("first_rank needs rank")
         if rank is not None:
             ranks = [_checks.integer(rank, "rank", 1, d)]
+            if first_rank is not None:
+                ranks.insert(0, _checks.integer(first_rank, "first_rank", 1, ranks[0] - 1))
         else:
             ranks = [r for r in RANK_CHOICES if r <= d // 2] if probes is not None else []
             ranks = ranks or [max(1, min(MAX_RANK, d // RANK_SHARE))]
@@ -114,43 +146,74 @@ class PrunedIndex(Index):
                                        for r in ranks], dim=1)
             half_sq[rows] = _half_square_norms(x)
 
-        def index_of_rank(n: int) -> "PrunedIndex":
+        def index_of(n: int, first: int | None = None) -> "PrunedIndex":
+            """Rank ranks[n]; a cascade with a first screen of rank ranks[first] when given."""
             r = ranks[n]
-            screen = torch.empty(m, r + 2)
-            screen[:, :r] = inside32[:, :r]
-            screen[:, r] = _round_up((outside_sq + tails[:, n]).sqrt() * (1 + 1e-9))
-            screen[:, r + 1] = half_sq
-            basis = basis64[:r].float().contiguous()
-            return cls(bank, basis, screen, float((basis.double() - basis64[:r]).norm()))
+            r1 = r if first is None else ranks[first]
 
+            def residual(i: int) -> torch.Tensor:  # R_b at rank ranks[i], rounded up
+                return _round_up((outside_sq + tails[:, i]).sqrt() * (1 + 1e-9))
+
+            screen = torch.empty(m, r1 + 2)
+            screen[:, :r1] = inside32[:, :r1]
+            screen[:, r1] = residual(n if first is None else first)
+            screen[:, r1 + 1] = half_sq
+            extension = None
+            if first is not None:
+                extension = torch.empty(m, r - r1 + 2)
+                extension[:, : r - r1] = inside32[:, r1:r]
+                extension[:, r - r1] = residual(n)
+                extension[:, r - r1 + 1] = -screen[:, r1]
+            basis = basis64[:r].float().contiguous()
+            return cls(bank, basis, screen, float((basis.double() - basis64[:r]).norm()), bank_extension=extension)
+
+        if first_rank is not None:
+            cascade = index_of(1, first=0)
+            if probes is not None:
+                cascade.measure(_checks.float_matrix(probes, "probes").cpu()[:RANK_PROBES])
+                cascade.pays = cascade.probe_cost <= PAYS_BELOW
+            return cascade
         if probes is None:
-            return index_of_rank(0)
+            return index_of(0)
         probes = _checks.float_matrix(probes, "probes").cpu()
         if len(probes) > RANK_PROBES:
             pick = torch.randperm(len(probes), generator=torch.Generator().manual_seed(0))[:RANK_PROBES]
             probes = probes[pick.sort().values]
-        # Measured, not modelled: the kernel's own count on the probes, from the largest rank down
-        # (cheap to measure: few rows survive) until the cost stops falling; the cost is the exact
-        # distances plus the screen, as shares of brute force's arithmetic.
-        best, best_cost = None, math.inf
+        # Measured, not modelled: the kernel's own counts on the probes. Single screens from the
+        # largest rank down (cheap to measure: few rows survive) until a rank leaves so many rows
+        # that no smaller one can serve; then the cascade the singles' shares predict to be
+        # cheapest (first stage r1, rows it leaves extended to r2) is measured too.
+        singles: dict[int, PrunedIndex] = {}
         for n in reversed(range(len(ranks))):
-            index = index_of_rank(n)
-            index.probe_share = index.measure(probes)
-            cost = index.probe_share + (ranks[n] + 2) / d
-            if cost >= best_cost:
+            singles[n] = index = index_of(n)
+            index.measure(probes)
+            if index.probe_share > STAGE_LEAVES_AT_MOST:
                 break
-            best, best_cost = index, cost
-            if index.probe_share + (ranks[0] + 2) / d > PAYS_BELOW:
-                break  # a smaller rank's bound is weaker: it leaves at least these rows and cannot pay
-        best.pays = best_cost <= PAYS_BELOW
+        best = min(singles.values(), key=lambda index: index.probe_cost)
+        # predicted: cost(r2) - (r2 - r1) (1 - share(r1)) / D + 2 share(r1) / D (the two extra terms)
+        pairs = [(singles[n].probe_cost - ((ranks[n] - ranks[f]) * (1 - singles[f].probe_share)
+                                          - 2 * singles[f].probe_share) / d, n, f)
+                 for n in singles for f in singles if f < n]
+        if pairs:
+            predicted, n, f = min(pairs)
+            if predicted < best.probe_cost:
+                cascade = index_of(n, first=f)
+                cascade.measure(probes)
+                best = min(best, cascade, key=lambda index: index.probe_cost)
+        best.pays = best.probe_cost <= PAYS_BELOW
         return best
 
     def measure(self, probes: torch.Tensor, k: int = 1) -> float:
-        """Share of brute force's exact distances the pruned search computes for `probes`."""
+        """Share of brute force's exact distances the pruned search computes for `probes` (also
+        kept, with the predicted cost, in probe_share and probe_cost)."""
         if not compiled(torch.device("cpu")):
             return 1.0
-        *_, computed = _C.knn_pruned(probes, self._vectors, k, self.basis, self.bank_screen, self.basis_rounding)
-        return computed / (len(probes) * len(self._vectors))
+        *_, computed, extended = _C.knn_pruned(probes, self._vectors, k, self.basis, self.bank_screen,
+                                               self.basis_rounding, self.bank_extension)
+        pairs = len(probes) * len(self._vectors)
+        self.probe_share = computed / pairs
+        self.probe_cost = self.probe_share + self._screen_cost(extended / pairs)
+        return self.probe_share
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 1, *, prune: bool | None = None, progress=None):
@@ -166,8 +229,8 @@ class PrunedIndex(Index):
                 or torch.compiler.is_compiling()):
             return knn(queries, bank.to(queries.device), k, progress=progress)
         _checks.distances_fit_float32(queries, "queries", bank)
-        distances, indices, _ = _C.knn_pruned(queries, bank, k, self.basis, self.bank_screen, self.basis_rounding,
-                                              progress=progress)
+        distances, indices, *_ = _C.knn_pruned(queries, bank, k, self.basis, self.bank_screen, self.basis_rounding,
+                                               self.bank_extension, progress=progress)
         return distances, indices
 
     def rows(self, indices):
@@ -185,24 +248,38 @@ class PrunedIndex(Index):
 
     # ---------------------------------------------------------------- persistence (model_file.py)
     def state(self):
-        return ({"search_basis": self.basis.contiguous(), "search_bank_screen": self.bank_screen.contiguous()},
-                {"basis_rounding": self.basis_rounding, "probe_share": self.probe_share, "pays": self.pays})
+        tensors = {"search_basis": self.basis.contiguous(), "search_bank_screen": self.bank_screen.contiguous()}
+        if self.bank_extension is not None:
+            tensors["search_bank_extension"] = self.bank_extension.contiguous()
+        return tensors, {"basis_rounding": self.basis_rounding, "probe_share": self.probe_share,
+                         "probe_cost": self.probe_cost, "pays": self.pays}
 
     @classmethod
     def restore(cls, vectors: torch.Tensor, tensors: dict[str, torch.Tensor], meta: dict) -> "PrunedIndex":
         """The index a file holds, checked against the vectors it is stored with: a screen built for
         other rows would prune rows it must not, so it is refused (ValueError)."""
         basis, screen = tensors["search_basis"].float(), tensors["search_bank_screen"].float()
-        if basis.dim() != 2 or screen.dim() != 2 or screen.shape[1] != basis.shape[0] + 2:
+        extension = tensors.get("search_bank_extension")
+        extension = None if extension is None else extension.float()
+        if basis.dim() != 2 or screen.dim() != 2:
             raise ValueError("search index tensors have inconsistent shapes")
+        rank, first = basis.shape[0], screen.shape[1] - 2
+        if extension is None and first != rank:
+            raise ValueError("search index tensors have inconsistent shapes")
+        if extension is not None and (not 1 <= first < rank or extension.dim() != 2
+                                      or extension.shape != (len(screen), rank - first + 2)):
+            raise ValueError("search index tensors have inconsistent shapes (cascade)")
         if screen.shape[0] != len(vectors) or basis.shape[1] != vectors.shape[1]:
             raise ValueError(f"the search index was built for a [{screen.shape[0]}, {basis.shape[1]}] bank, "
                              f"not this [{len(vectors)}, {vectors.shape[1]}] one")
         rounding = float(meta["basis_rounding"])
         if not 0 <= rounding < 1e-3 or not math.isfinite(rounding):
             raise ValueError(f"search index basis_rounding {rounding!r} out of range")
-        _check_screen_matches(vectors, basis, screen)
-        return cls(vectors, basis, screen, rounding, float(meta["probe_share"]), bool(meta["pays"]))
+        _check_screen_matches(vectors, basis, screen, extension)
+        share = float(meta["probe_share"])
+        cost = meta.get("probe_cost")
+        return cls(vectors, basis, screen, rounding, share, bool(meta["pays"]), extension,
+                   None if cost is None else float(cost))
 
 
 def left_out_probes(rows: torch.Tensor, picks: torch.Tensor, seed: int) -> torch.Tensor:
@@ -221,21 +298,27 @@ def _half_square_norms(x64: torch.Tensor) -> torch.Tensor:
     return (-0.5 * x64.square().sum(1)).float()
 
 
-def _check_screen_matches(vectors: torch.Tensor, basis: torch.Tensor, screen: torch.Tensor) -> None:
+def _check_screen_matches(vectors: torch.Tensor, basis: torch.Tensor, screen: torch.Tensor,
+                          extension: torch.Tensor | None) -> None:
     """Every row's stored -|b|^2 / 2, and a seeded sample of rows' projections, must be those of
     `vectors` (to float32 rounding, whatever the summation order): otherwise the index belongs to
-    another bank."""
-    rank = basis.shape[0]
+    another bank. A cascade's extension must undo the first screen's residual bound exactly."""
+    first = screen.shape[1] - 2
     for start in range(0, len(vectors), CHUNK_ROWS):
         x = vectors[start : start + CHUNK_ROWS].double()
-        stored = screen[start : start + len(x), rank + 1].double()
+        stored = screen[start : start + len(x), first + 1].double()
         if not torch.allclose(_half_square_norms(x).double(), stored, rtol=1e-5, atol=0.0):
             raise ValueError("the search index was built for another memory bank (row norms differ)")
+    projections = screen[:, :first]
+    if extension is not None:
+        if not torch.equal(extension[:, -1], -screen[:, first]):
+            raise ValueError("the search index's cascade does not match its first screen")
+        projections = torch.cat([projections, extension[:, :-2]], dim=1)
     sample = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[:CHECKED_ROWS]
     x = vectors[sample].double()
     inside = x @ basis.double().T
     scale = x.norm(dim=1, keepdim=True) * 1e-4
-    if bool(((inside - screen[sample, :rank].double()).abs() > scale + 1e-30).any()):
+    if bool(((inside - projections[sample].double()).abs() > scale + 1e-30).any()):
         raise ValueError("the search index was built for another memory bank (projections differ)")
 
 

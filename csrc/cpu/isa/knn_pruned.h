@@ -44,9 +44,11 @@ struct PrunedBlock {
   const PrunedKnn& s;
   float* exact_panel;    // [dim][kPanel] the block's queries
   float* screen_panel;   // [screen_dim][kPanel] their screen vectors
+  float* extension_panel;// [extension_dim][kPanel] their extension vectors
   float* screened;       // [chunk_rows][kPanel] screen values t of the chunk's rows
   int64_t* stamp;        // [M] the (block, chunk) tag that last listed each row
-  int64_t* rows;         // [chunk_rows + kPanel k] rows to compute exactly
+  int64_t* rows;         // [chunk] rows to compute exactly
+  int64_t* threshold_rows; // [kPanel k] rows whose distances set the thresholds
   float* screen_scratch; // [kRows][screen_dim] zero-padded last row group
   float* values;         // [kPanel][k] each query's list (distance, bank index)
   int64_t* indices;
@@ -93,35 +95,110 @@ struct PrunedBlock {
     }
   }
 
+  void forget_best() {
+    for (int q = 0; q < kPanel; ++q) {
+      kth_t[q] = -__builtin_inff();
+      for (int64_t j = 0; j < s.k; ++j) {
+        best_t[q * s.k + j] = __builtin_inff();
+        best_rows[q * s.k + j] = -1;
+      }
+    }
+  }
+
+  // Stores row's screen values t (tile lanes) at `t` and keeps each query's k largest.
+  void note(const float* tile, float* t, int64_t row) {
+    const int64_t k = s.k;
+    for (int v = 0; v < kPanelVecs; ++v) {
+      const Vec tv = vload(tile + v * kLanes);
+      vstore(t + v * kLanes, tv);
+      unsigned above = vmask_lt(vload(kth_t + v * kLanes), tv) & lanes[v];
+      while (above) {
+        const int l = __builtin_ctz(above);
+        above &= above - 1u;
+        const int q = v * kLanes + l;
+        insert_pair(best_t + q * k, best_rows + q * k, k, -t[q], row);
+        kth_t[q] = -best_t[q * k + k - 1];
+      }
+    }
+  }
+
   // Screens bank rows [c0, c1): stores every t and keeps each query's k largest.
   void screen(int64_t c0, int64_t c1) {
-    const int64_t sd = s.screen_dim, k = s.k;
+    const int64_t sd = s.screen_dim;
     alignas(64) float tile[kRows * kPanel];
     for_each_row_group(s.bank_screen, sd, c0, c1, screen_scratch, [&](const float* a, int64_t stride, int64_t first,
                                                                      int got) {
       dot_tile(a, stride, screen_panel, sd, tile);
-      for (int r = 0; r < got; ++r) {
-        const int64_t row = first + r;
-        float* t = screened + (row - c0) * kPanel;
-        for (int v = 0; v < kPanelVecs; ++v) {
-          const Vec tv = vload(tile + r * kPanel + v * kLanes);
-          vstore(t + v * kLanes, tv);
-          unsigned above = vmask_lt(vload(kth_t + v * kLanes), tv) & lanes[v];
-          while (above) {
-            const int l = __builtin_ctz(above);
-            above &= above - 1u;
-            const int q = v * kLanes + l;
-            insert_pair(best_t + q * k, best_rows + q * k, k, -t[q], row);
-            kth_t[q] = -best_t[q * k + k - 1];
-          }
-        }
-      }
+      for (int r = 0; r < got; ++r) note(tile + r * kPanel, screened + (first + r - c0) * kPanel, first + r);
     });
   }
 
-  // The block's queries order[q0, q0 + count) against the whole bank; returns rows computed.
-  int64_t run(int64_t q0, int64_t tag) {
-    const int64_t dim = s.dim, sd = s.screen_dim, k = s.k, m = s.num_bank;
+  void update_cuts(int64_t q0) {
+    for (int q = 0; q < kPanel; ++q)
+      cut[q] = q < count ? search_bound::cut(s.query_norm64[s.order[q0 + q]], kth[q], s.query_margin[s.order[q0 + q]])
+                         : __builtin_inff();
+  }
+
+  // Exact distances first to each query's best-screened rows that its present cut keeps (they
+  // tighten its cut; rows the cut rules out could not improve its list), then new cuts.
+  int64_t thresholds(int64_t q0, int64_t tag) {
+    update_cuts(q0);
+    int64_t* list = threshold_rows;
+    int64_t n = 0;
+    for (int q = 0; q < count; ++q)
+      for (int64_t j = 0; j < s.k; ++j) {
+        const int64_t row = best_rows[q * s.k + j];
+        if (row >= 0 && stamp[row] != tag && -best_t[q * s.k + j] >= cut[q]) {
+          stamp[row] = tag;
+          list[n++] = row;
+        }
+      }
+    exact(list, n);
+    update_cuts(q0);
+    return n;
+  }
+
+  // Keeps (in place, in order) the rows among rows[0, n) not yet computed whose stored t some
+  // query's cut keeps; returns how many.
+  int64_t filter(int64_t c0, int64_t n, int64_t tag) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = rows[i];
+      if (stamp[row] == tag) continue;
+      const float* t = screened + (row - c0) * kPanel;
+      unsigned keep = 0;
+      for (int v = 0; v < kPanelVecs; ++v) keep |= vmask_le(vload(cut + v * kLanes), vload(t + v * kLanes));
+      if (keep) rows[kept++] = row;
+    }
+    return kept;
+  }
+
+  // The cascade's second screen on rows[0, n): each row's t becomes t + its extension term
+  // (stored in place), the best of those set new thresholds, and the rows some cut still keeps
+  // are returned (in place, in order). *computed counts the threshold rows.
+  int64_t rescreen(int64_t q0, int64_t c0, int64_t n, int64_t tag, int64_t* computed) {
+    const int64_t ed = s.extension_dim;
+    alignas(64) float tile[kRows * kPanel];
+    forget_best();
+    for (int64_t i = 0; i < n; i += kRows) {
+      const int got = n - i < kRows ? static_cast<int>(n - i) : kRows;
+      dot_tile_rows([&](int r) { return s.bank_extension + rows[i + (r < got ? r : 0)] * ed; }, extension_panel, ed,
+                    tile);
+      for (int r = 0; r < got; ++r) {
+        float* t = screened + (rows[i + r] - c0) * kPanel;
+        for (int v = 0; v < kPanelVecs; ++v)
+          vstore(tile + r * kPanel + v * kLanes, vadd(vload(t + v * kLanes), vload(tile + r * kPanel + v * kLanes)));
+        note(tile + r * kPanel, t, rows[i + r]);
+      }
+    }
+    *computed += thresholds(q0, tag);
+    return filter(c0, n, tag);
+  }
+
+  // The block's queries order[q0, q0 + count) against the whole bank; returns rows computed
+  // exactly and adds the rows screened again to *extended.
+  int64_t run(int64_t q0, int64_t tag, int64_t* extended) {
+    const int64_t dim = s.dim, sd = s.screen_dim, ed = s.extension_dim, k = s.k, m = s.num_bank;
     count = s.num_queries - q0 < kPanel ? static_cast<int>(s.num_queries - q0) : kPanel;
     for (int v = 0; v < kPanelVecs; ++v) {
       const int real = count - v * kLanes;
@@ -129,6 +206,7 @@ struct PrunedBlock {
     }
     std::memset(exact_panel, 0, sizeof(float) * dim * kPanel);
     std::memset(screen_panel, 0, sizeof(float) * sd * kPanel);
+    if (ed) std::memset(extension_panel, 0, sizeof(float) * ed * kPanel);
     for (int q = 0; q < kPanel; ++q) {
       query_norm[q] = 0.f;
       kth[q] = __builtin_inff();
@@ -141,42 +219,23 @@ struct PrunedBlock {
       const int64_t src = s.order[q0 + q];
       for (int64_t j = 0; j < dim; ++j) exact_panel[j * kPanel + q] = s.queries[src * dim + j];
       for (int64_t j = 0; j < sd; ++j) screen_panel[j * kPanel + q] = s.query_screen[src * sd + j];
+      for (int64_t j = 0; j < ed; ++j) extension_panel[j * kPanel + q] = s.query_extension[src * ed + j];
       query_norm[q] = s.query_norm_sq[src];
     }
     int64_t computed = 0;
     for (int64_t c0 = 0; c0 < m; c0 += s.chunk_rows, ++tag) {
       const int64_t c1 = c0 + s.chunk_rows < m ? c0 + s.chunk_rows : m;
-      for (int q = 0; q < kPanel; ++q) {
-        kth_t[q] = -__builtin_inff();
-        for (int64_t j = 0; j < k; ++j) {
-          best_t[q * k + j] = __builtin_inff();
-          best_rows[q * k + j] = -1;
-        }
-      }
+      forget_best();
       screen(c0, c1);
-      // Thresholds first: each query's exact distances to its best-screened rows.
+      computed += thresholds(q0, tag);
+      // Then every row some query's cut keeps, in bank order (for a cascade: and still keeps
+      // with the further directions).
       int64_t n = 0;
-      for (int q = 0; q < count; ++q)
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t row = best_rows[q * k + j];
-          if (row >= 0 && stamp[row] != tag) {
-            stamp[row] = tag;
-            rows[n++] = row;
-          }
-        }
-      exact(rows, n);
-      computed += n;
-      for (int q = 0; q < kPanel; ++q)
-        cut[q] = q < count ? search_bound::cut(s.query_norm64[s.order[q0 + q]], kth[q], s.query_margin[s.order[q0 + q]])
-                           : __builtin_inff();
-      // Then every row some query's cut keeps, in bank order.
-      n = 0;
-      for (int64_t row = c0; row < c1; ++row) {
-        if (stamp[row] == tag) continue;
-        const float* t = screened + (row - c0) * kPanel;
-        unsigned keep = 0;
-        for (int v = 0; v < kPanelVecs; ++v) keep |= vmask_le(vload(cut + v * kLanes), vload(t + v * kLanes));
-        if (keep) rows[n++] = row;
+      for (int64_t row = c0; row < c1; ++row) rows[n++] = row;
+      n = filter(c0, n, tag);
+      if (ed) {
+        *extended += n;
+        n = rescreen(q0, c0, n, tag, &computed);
       }
       exact(rows, n);
       computed += n;
@@ -195,7 +254,8 @@ void knn_pruned(const PrunedKnn& s, int64_t block_lo, int64_t block_hi) {
   const int64_t chunk = s.chunk_rows < s.num_bank ? s.chunk_rows : s.num_bank;
   const int64_t pair = kPanel * s.k;
   // One allocation for the thread's scratch (floats and int64s, 64-byte aligned pieces).
-  const int64_t floats = s.dim * kPanel + s.screen_dim * kPanel + chunk * kPanel + kRows * s.screen_dim + 2 * pair;
+  const int64_t floats =
+      s.dim * kPanel + s.screen_dim * kPanel + s.extension_dim * kPanel + chunk * kPanel + kRows * s.screen_dim + 2 * pair;
   const int64_t longs = s.num_bank + chunk + pair + 2 * pair;
   char* memory = static_cast<char*>(std::aligned_alloc(64, ((floats * 4 + longs * 8) / 64 + 8) * 64));
   float* f = reinterpret_cast<float*>(memory);
@@ -203,16 +263,20 @@ void knn_pruned(const PrunedKnn& s, int64_t block_lo, int64_t block_hi) {
   PrunedBlock b{s};
   b.exact_panel = f;
   b.screen_panel = b.exact_panel + s.dim * kPanel;
-  b.screened = b.screen_panel + s.screen_dim * kPanel;
+  b.extension_panel = b.screen_panel + s.screen_dim * kPanel;
+  b.screened = b.extension_panel + s.extension_dim * kPanel;
   b.screen_scratch = b.screened + chunk * kPanel;
   b.values = b.screen_scratch + kRows * s.screen_dim;
   b.best_t = b.values + pair;
   b.stamp = l;
   b.rows = b.stamp + s.num_bank;
-  b.indices = b.rows + chunk + pair;
+  b.threshold_rows = b.rows + chunk;
+  b.indices = b.threshold_rows + pair;
   b.best_rows = b.indices + pair;
   std::memset(b.stamp, 0xff, sizeof(int64_t) * s.num_bank);  // -1: never a tag
-  for (int64_t block = block_lo; block < block_hi; ++block)
-    s.exact_rows[block] = b.run(block * kPanel, block * chunks);
+  for (int64_t block = block_lo; block < block_hi; ++block) {
+    s.extended_rows[block] = 0;
+    s.exact_rows[block] = b.run(block * kPanel, block * chunks, &s.extended_rows[block]);
+  }
   std::free(memory);
 }
