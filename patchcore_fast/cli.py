@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import logging
 import os
 import sys
 import tempfile
@@ -14,6 +15,10 @@ import warnings
 from pathlib import Path
 
 import torch
+
+#: Status lines go to standard output and warnings and errors to standard error, all through this
+#: logger (the handler is installed by main()); the result tables are the program's output and printed.
+log = logging.getLogger("patchcore_fast")
 
 
 def _model_args(args) -> dict:
@@ -67,17 +72,17 @@ def cmd_fit(args) -> None:
     defective = training_images(args.calibrate_defects, None)[0] if args.calibrate_defects else None
     model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args))
     model.check_fit_size(len(images), "--ratio")
-    print(f"fitting {_count(len(images), 'image file')} ({model.transform.describe()})"
+    log.info(f"fitting {_count(len(images), 'image file')} ({model.transform.describe()})"
           + (f"; {ignored} other file(s) left alone" if ignored else ""))
     model.fit(images)
     skipped = len(images) - model.fitted_images
-    print(f"fitted on {_count(model.fitted_images, 'image')}" + (f" ({skipped} skipped)" if skipped else "")
+    log.info(f"fitted on {_count(model.fitted_images, 'image')}" + (f" ({skipped} skipped)" if skipped else "")
           + f": memory bank {len(model.bank):,} x {model.config.embed_dim}; {_stages(model.timings)}")
     if calibration is not None:
         model.calibrate(calibration, args.quantile, defective)
-        print(f"threshold {model.bank.decision.threshold:.6g}: {model.bank.decision.threshold_source}")
+        log.info(f"threshold {model.bank.decision.threshold:.6g}: {model.bank.decision.threshold_source}")
     model.save(out)  # under torchrun: rank 0 writes the whole bank
-    print(f"saved {out} ({model.config.backbone.name}, framing {model.config.framing})")
+    log.info(f"saved {out} ({model.config.backbone.name}, framing {model.config.framing})")
 
 
 #: Overlays on the original images are drawn with their long side at most this many pixels: a
@@ -99,7 +104,7 @@ def cmd_predict(args) -> None:
     decision = model.bank.decision
     scale = decision.colour_scale()
     if scale is None:  # a model fitted from pooled features: no good-image scores to set a scale
-        print("this model has no fixed colour scale (fitted from pooled features): each overlay uses its own range")
+        log.info("this model has no fixed colour scale (fitted from pooled features): each overlay uses its own range")
     with _output_folder(folder) as out:
         rows, names = [], set()
         view_side = OVERLAY_MAX_SIDE if args.overlays == "original" else None
@@ -111,6 +116,14 @@ def cmd_predict(args) -> None:
         if not rows:
             raise ValueError("no images to score")
         _write_scores(out / "scores.csv", rows, decision)
+        from .report import predict_report
+
+        config = model.config
+        predict_report(out / "report.html", rows, decision.threshold, decision.threshold_source,
+                       {"model": Path(args.model).resolve(), "images": ", ".join(map(str, args.images)),
+                        "backbone": config.backbone.name, "framing": config.framing,
+                        "coreset ratio": config.coreset_ratio, "bank rows": len(model.bank.index),
+                        "overlays": args.overlays, "device": model.device})
     if not model.workers.is_main:
         return
     folder.finish()
@@ -118,8 +131,9 @@ def cmd_predict(args) -> None:
     verdict = ("no threshold: scores only (fit with --calibrate for decisions)" if decision.threshold is None else
                f"{int(decision.is_anomalous(scores).sum())} flagged anomalous at threshold {decision.threshold:.6g} "
                f"({decision.threshold_source})")
-    print(f"scored {_count(len(rows), 'image')}: {verdict}; highest score {float(scores.max()):.6g}")
-    print(f"outputs: {folder.path / 'scores.csv'}, {_count(len(rows), 'overlay')} in {folder.path}; "
+    log.info(f"scored {_count(len(rows), 'image')}: {verdict}; highest score {float(scores.max()):.6g}")
+    log.info(f"outputs: {folder.path / 'report.html'}, {folder.path / 'scores.csv'}, "
+             f"{_count(len(rows), 'overlay')} in {folder.path}; "
           f"{_stages(model.timings)}")
 
 
@@ -174,6 +188,42 @@ def _write_scores(path: Path, rows, decision) -> None:
                               int(score > decision.threshold), name] for source, score, name in rows)
 
 
+def cmd_info(args) -> None:
+    from . import model_file
+    from ._version import __version__
+
+    state = model_file.load(args.model)  # the file alone: no backbone weights needed
+    c, index, d = state.config, state.index, state.decision
+    b = c.backbone
+    size = Path(args.model).stat().st_size
+    if getattr(index, "bank_extension", None) is not None:
+        search = f"pruned, cascade of {index.first_rank} then {index.rank} directions"
+    elif index.kind == "pruned":
+        search = f"pruned, {index.rank} directions" + ("" if index.pays else " (not used: pruning did not pay)")
+    else:
+        search = "flat (brute force)"
+    threshold = ("none (scores only; calibrate to set one)" if d.threshold is None
+                 else f"{d.threshold:.6g} ({d.threshold_source})")
+    lines = [("model", f"{args.model} ({size / 1e6:.1f} MB)"),
+             ("file format", f"{state.file_format} (written by patchcore_fast {state.written_by or 'unknown'}; "
+                             f"this is {__version__})"),
+             ("backbone", f"{b.name} {list(b.layers)}, weights {b.weights}"
+                          + (f" (sha256 {b.weights_sha256[:12]})" if b.weights_sha256 else "")),
+             ("features", f"framing {c.framing}, {c.image_size} px" + (f" (resize {c.resize})" if c.framing == "center_crop"
+                          else "") + f", {c.embed_dim}-d, grid {state.grid[0]} x {state.grid[1]}"
+                          + (", bfloat16 backbone" if c.half_precision else "")),
+             ("coreset", f"ratio {c.coreset_ratio:g}, projection {c.projection_dim}, seed {c.seed}"),
+             ("scoring", f"k = {c.num_neighbors}" + (f", reweighted (Eq. 7, {c.reweight_neighbors} neighbours)"
+                                                     if c.reweight else "")),
+             ("bank", f"{len(index):,} rows x {c.embed_dim}; search index {search}"),
+             ("threshold", threshold)]
+    if d.normal_scores is not None:
+        lines.append(("good scores", f"{len(d.normal_scores)} training images scored without their own patches: "
+                                     f"median {float(d.normal_scores.median()):.6g}, highest {float(d.normal_scores.max()):.6g}"))
+    width = max(len(k) for k, _ in lines)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
+
+
 def cmd_export(args) -> None:
     from .data import image_paths
     from .export import check_onnx, export
@@ -185,13 +235,13 @@ def cmd_export(args) -> None:
     model = PatchCore.load(args.model, device="cpu", progress=False)
     export(model, out, args.format)
     s = model.config.image_size
-    print(f"exported {out} ({args.format}): input images [B, 3, {s}, {s}] in [0, 1] after the model's transform "
+    log.info(f"exported {out} ({args.format}): input images [B, 3, {s}, {s}] in [0, 1] after the model's transform "
           f"({model.transform.describe()}); outputs scores [B], maps [B, {s}, {s}]")
     if args.check:
         if args.format != "onnx":
             raise ValueError("--check runs onnxruntime: use it with --format onnx")
         relative = check_onnx(model, out, images)
-        print(f"onnxruntime vs predict on {len(images)} images: image scores within {relative:.2e} (relative)")
+        log.info(f"onnxruntime vs predict on {len(images)} images: image scores within {relative:.2e} (relative)")
 
 
 @contextlib.contextmanager
@@ -219,7 +269,8 @@ def cmd_evaluate(args) -> None:
                                 progress=not args.quiet, **_model_args(args))
     folder.finish()
     print(tables)
-    print(f"results: {folder.path / 'results.csv'}, timings: {folder.path / 'timings.csv'}")
+    log.info(f"report: {folder.path / 'report.html'}; results: {folder.path / 'results.csv'}, "
+             f"timings: {folder.path / 'timings.csv'}")
 
 
 def cmd_demo(args) -> None:
@@ -230,15 +281,16 @@ def cmd_demo(args) -> None:
     start = time.perf_counter()
     folder = OutputFolder(args.out, overwrite=True).check()  # the demo replaces its own earlier outputs
     root = synthetic.dataset(args.seed, args.data)
-    print(f"synthetic dataset (seed {args.seed}): {root}")
+    log.info(f"synthetic dataset (seed {args.seed}): {root}")
     with _output_folder(folder) as out:
         _, _, tables = evaluate(root, out, ratios=args.ratios, progress=not args.quiet,
                                 backbone="efficientnet_lite0", device=args.device)
     folder.finish()
     print(tables)
-    print(f"results: {folder.path / 'results.csv'}, timings: {folder.path / 'timings.csv'}")
-    print(f"overlays: {folder.path / 'overlays'}")
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    log.info(f"report: {folder.path / 'report.html'}; results: {folder.path / 'results.csv'}, "
+             f"timings: {folder.path / 'timings.csv'}")
+    log.info(f"overlays: {folder.path / 'overlays'}")
+    log.info(f"done in {time.perf_counter() - start:.1f} s")
 
 
 def cmd_kernels(args) -> None:
@@ -275,13 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(p, ratio=True, framing="whole"):
         p.add_argument("--backbone", default="efficientnet_lite0",
-                       help="efficientnet_lite0 (offline) or a torchvision model, e.g. wide_resnet50_2 (the paper's)")
+                       help="efficientnet_lite0, _lite1 or _lite2 (offline ImageNet weights) or a torchvision model, "
+                            "e.g. wide_resnet50_2 (the paper's)")
         p.add_argument("--framing", choices=("whole", "center_crop"), default=framing,
                        help="whole image resized to the model's square, or the MVTec AD resize + centre crop")
         p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
         p.add_argument("--layers", nargs="+", metavar="LAYER",
-                       help="backbone layers, names or numbers (default: blocks.4 blocks.10 for efficientnet_lite0, "
-                            "layer2 layer3 for ResNets)")
+                       help="backbone layers, names or numbers (default: the last blocks at strides 8 and 16 for "
+                            "EfficientNet-Lite, e.g. blocks.4 blocks.10 for lite0; layer2 layer3 for ResNets)")
         if ratio:
             p.add_argument("--ratio", type=float, default=0.1,
                            help="coreset ratio: the share of training patches kept in the memory bank, in (0, 1]")
@@ -316,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
     p.set_defaults(run=cmd_predict)
 
+    p = command("info", "what a model file holds: settings, bank, search index, threshold and its origin, format")
+    p.add_argument("model", help="a model file written by fit")
+    p.set_defaults(run=cmd_info)
+
     p = command("export", "export a model's whole scoring path (ONNX or torch.export)")
     p.add_argument("model", help="a model file written by fit")
     p.add_argument("--format", choices=("onnx", "torch"), default="onnx", help="ONNX, or a torch.export program")
@@ -349,45 +406,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
-    """Warnings as one line naming the program, printed above any progress bar."""
-    from tqdm.auto import tqdm
+class _ProgramLines(logging.Handler):
+    """The CLI's output: status lines on standard output, warnings and errors as one line naming the
+    program on standard error, each printed above any progress bar."""
 
-    tqdm.write(f"{_program()}: warning: {message}", file=sys.stderr)
+    LABELS = {logging.WARNING: "warning", logging.ERROR: "error", logging.CRITICAL: "internal error"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        message = record.getMessage()
+        if getattr(record, "unlabelled", False):  # e.g. "patchcore-fast: interrupted"
+            tqdm.write(f"{_program()}: {message}", file=sys.stderr)
+        elif record.levelno >= logging.WARNING:
+            tqdm.write(f"{_program()}: {self.LABELS.get(record.levelno, 'error')}: {message}", file=sys.stderr)
+        else:
+            tqdm.write(message, file=sys.stdout)
+
+
+@contextlib.contextmanager
+def _program_output():
+    """Routes the package's log and Python warnings through _ProgramLines for one run of main()."""
+    handler = _ProgramLines(level=logging.INFO)
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        log.warning(str(message))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            warnings.simplefilter("always", RuntimeWarning)  # each skipped or suspicious file once, by name
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with _program_output():
+        return _run(args)
+
+
+def _run(args) -> int:
     from .errors import UserError
 
-    args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warnings
-            warnings.simplefilter("always", RuntimeWarning)  # each skipped or suspicious file once, by name
-            from .devices import resolve
+        from .devices import resolve
 
-            resolve(args.device)  # a device this machine lacks is a user error, before any work
-            _join_process_group(args)
-            args.run(args)
+        resolve(args.device)  # a device this machine lacks is a user error, before any work
+        _join_process_group(args)
+        args.run(args)
     except KeyboardInterrupt:  # every long step stops within about a second; files are written atomically
-        print(f"\n{_program()}: interrupted", file=sys.stderr)
+        log.error("interrupted", extra={"unlabelled": True})
         return 130
     except torch.OutOfMemoryError as error:  # a condition of this machine, not a bug
         if args.debug:
             raise
-        print(f"{_program()}: error: out of memory ({str(error).splitlines()[0]}): try a smaller --batch-size, "
-              "or --device cpu", file=sys.stderr)
+        log.error(f"out of memory ({str(error).splitlines()[0]}): try a smaller --batch-size, or --device cpu")
         return 2
     except (FileNotFoundError, ValueError, OSError, UserError) as error:
         # Bad input, files or setup: one line, exit code 2 (--debug shows where).
         if args.debug:
             raise
-        print(f"{_program()}: error: {error}", file=sys.stderr)
+        log.error(str(error))
         return 2
     except Exception:  # anything else is a bug in patchcore_fast (or below it): never dressed up
         traceback.print_exc()
-        print(f"{_program()}: internal error: this is a bug; please report it with the traceback above "
-              "and the output of `patchcore-fast kernels`", file=sys.stderr)
+        log.critical("this is a bug; please report it with the traceback above and the output of "
+                     "`patchcore-fast kernels`")
         return 1
     finally:
         from . import distributed
@@ -415,7 +507,7 @@ def _join_process_group(args) -> None:
         args.quiet = True
         sys.stdout = open(os.devnull, "w")
     else:
-        print(f"distributed: {size} ranks ({torch.distributed.get_backend()})")
+        log.info(f"distributed: {size} ranks ({torch.distributed.get_backend()})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import numbers
 
 import torch
 
+from ._types import Progress
+
 from . import _checks
 from . import torch_ops  # noqa: F401  (registers torch.ops.patchcore_fast.*)
 from ._extension import _C, compiled
@@ -98,7 +100,7 @@ def greedy_coreset(
     seed: int = 0,
     initial_distances: torch.Tensor | None = None,
     cuda_kernel: str = DEFAULT_CUDA_KERNEL,
-    progress=None,
+    progress: Progress = None,
 ) -> torch.Tensor:
     """Greedy k-center coreset of the rows of `features` [N, D]: int64 indices in selection order.
 

@@ -9,15 +9,22 @@ intermediate."""
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: What fit, predict and calibrate read images from: a folder or a file, a list of paths or PIL
+#: images, a tensor batch [B, 3, H, W], or an iterable of tensors, (tensor, ...) tuples or
+#: {"image": tensor} dicts (a DataLoader).
+ImageData = Union[str, os.PathLike, Image.Image, torch.Tensor, Iterable[Any]]
 
 #: Files chosen as images in a folder (case-insensitive); other files are left alone and counted.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",

@@ -1,8 +1,11 @@
 """Decisions on image scores: the threshold, normalised scores, calibration and the colour scale.
 
-A fitted model keeps one `Decision`: up to NORMAL_SAMPLE leave-one-out scores of its training
-images (what a good image it has not seen scores), and optionally a threshold with a sentence
-saying how it was chosen. The overlays' colour scale follows from them.
+A fitted model keeps one `Decision`: scores of training images that the bank scoring them was
+fitted without (what a good image the model has not seen scores), and a threshold with a sentence
+saying how it was chosen. Out of the box the threshold comes from the training images by
+cross-fitting (FOLDS folds; each fold's images scored against a bank fitted on the other folds
+with the same settings; the threshold is the THRESHOLD_QUANTILE quantile of those scores);
+`calibrate` replaces it with one from held-out images. The overlays' colour scale follows.
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ import torch
 
 from .metrics import f1_optimal_threshold
 
-#: Training images scored without their own patches to set the heat maps' colour scale.
-NORMAL_SAMPLE = 8
+#: Cross-fitting: folds of the training images, and at most this many images scored per fold (each
+#: fold costs one coreset on the other folds' patches; the scores then cost little).
+FOLDS = 3
+IMAGES_PER_FOLD = 16
+#: The default threshold: this quantile of the cross-fitted training scores (with 48 scores it lies
+#: between the two highest: about one unseen good image in a hundred is flagged).
+THRESHOLD_QUANTILE = 0.99
 
 
 @dataclass(frozen=True)
 class Decision:
-    #: Image scores of up to NORMAL_SAMPLE training images, each scored against the bank without
-    #: its own patches (what a good image scores), when fitted from per-image features; else None.
+    #: Image scores of up to FOLDS x IMAGES_PER_FOLD training images, each scored by a bank fitted
+    #: without its fold (what a good image scores), when fitted from per-image features; else None.
     normal_scores: torch.Tensor | None = None
     threshold: float | None = None
     threshold_source: str | None = None
@@ -75,27 +83,26 @@ def f1_threshold(good_scores: torch.Tensor, defective_scores: torch.Tensor) -> t
                        "defective images")
 
 
-def normal_sample(num_images: int, seed: int) -> list[int]:
-    """The training images (a seeded sample of NORMAL_SAMPLE) scored to set the colour scale."""
+def cross_fitted_scores(num_images: int, seed: int, fold_index, score_image, progress=None) -> torch.Tensor | None:
+    """Image scores of up to FOLDS x IMAGES_PER_FOLD training images, each scored against a bank
+    fitted without its fold: `fold_index(kept_images)` fits one (a list of image numbers in, an
+    index out), `score_image(image, index)` scores one image. None with fewer than 2 images."""
     if num_images < 2:
-        return []
-    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:NORMAL_SAMPLE].tolist()
-
-
-def leave_one_out_scores(sample: list[int], image_features, source_image: torch.Tensor, index,
-                         score_features, progress=None) -> torch.Tensor | None:
-    """Image scores of the `sample` training images, each against the index without the rows
-    picked from it (`source_image` [len(index)]: the image each bank row came from).
-    `image_features(i)` gives image i's patch features [patches, D]; `score_features(features,
-    index)` its image score."""
-    if not sample:
         return None
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
+    folds = [order[f::FOLDS] for f in range(min(FOLDS, num_images))]
     scores = []
-    for image in sample:
-        keep = source_image != image
-        if not bool(keep.any()):  # every bank row came from this image: nothing to score it against
-            continue
-        scores.append(score_features(image_features(image)[None], index.subset(keep)).cpu())
-        if progress is not None:
-            progress(1)
-    return torch.cat(scores) if scores else None
+    for fold in folds:
+        held_out = set(fold)
+        index = fold_index([i for i in range(num_images) if i not in held_out])
+        for image in fold[:IMAGES_PER_FOLD]:
+            scores.append(float(score_image(image, index)))
+            if progress is not None:
+                progress(1)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def cross_fitted_threshold(scores: torch.Tensor, folds: int) -> tuple[float, str]:
+    threshold, _ = quantile_threshold(scores, THRESHOLD_QUANTILE)
+    return threshold, (f"cross-fitted: quantile {THRESHOLD_QUANTILE:g} of {len(scores)} training images, each scored "
+                       f"by a bank fitted without it ({folds} folds)")

@@ -15,13 +15,16 @@ from .data import MVTecCategory, load_mask
 from .decision import quantile_threshold
 from .model import PatchCore
 from .overlay import save_overlays
+from .report import CategoryResult, evaluate_report, thin
 
 METRICS = (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("pro", "PRO"),
            ("f1", "Image F1 at the calibrated threshold"))
 #: The threshold: this quantile of the validation/good images' scores where the category has them,
-#: else the highest leave-one-out score of the training images (Decision.normal_scores).
+#: else the model's own, cross-fitted on its training images (decision.py).
 CALIBRATION_QUANTILE = 0.99
-STAGES = ("features", "coreset", "index", "scale", "search", "maps", "metrics")
+#: PRO is the area under the per-region overlap curve up to this false positive rate (metrics.pro).
+PRO_FPR_LIMIT = 0.3
+STAGES = ("features", "coreset", "index", "threshold", "search", "maps", "metrics")
 
 
 def method_name(ratio: float) -> str:
@@ -45,40 +48,51 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
     with_mask = [i for i, m in enumerate(masks) if m is not None]
     has_defect_masks = any(masks[i].any() for i in with_mask)
 
-    results, timings = [], []
+    results, timings, shown = [], [], []
     for n, ratio in enumerate(ratios):
         model = base.with_settings(coreset_ratio=ratio)  # same backbone, features shared
         model.fit_features(train)
         pred = model.score(test)
         start = time.perf_counter()
-        threshold = calibrated_threshold(model, validation)
+        threshold, source = calibrated_threshold(model, validation)
         row = {"method": method_name(ratio), "category": category,
                "image_auroc": 100 * metrics.auroc(pred.scores, labels),
                "f1": math.nan if threshold is None else 100 * f1_score(pred.scores > threshold, labels)}
+        curve = None
         if has_defect_masks:
             maps = pred.maps[with_mask]
             gt = torch.stack([masks[i] for i in with_mask])
             row["pixel_auroc"] = 100 * metrics.pixel_auroc(maps, gt)
-            row["pro"] = 100 * metrics.pro(maps, gt)
+            fpr, overlap = metrics.pro_curve(maps, gt)
+            row["pro"] = 100 * metrics.area_up_to(fpr, overlap, PRO_FPR_LIMIT) / PRO_FPR_LIMIT  # metrics.pro
+            curve = thin(fpr.cpu().numpy(), overlap.cpu().numpy())
         else:  # no ground truth: image metrics only
             row["pixel_auroc"] = row["pro"] = math.nan
         metric_seconds = time.perf_counter() - start
         results.append(row)
         timings.append({"method": row["method"], "category": category,
                         "features": feature_seconds if n == 0 else 0.0, "coreset": model.timings["coreset"],
-                        "index": model.timings["index"], "scale": model.timings["scale"],
+                        "index": model.timings["index"], "threshold": model.timings["threshold"],
                         "search": model.timings["search"], "maps": model.timings["maps"], "metrics": metric_seconds})
+        overlays = []
         if out_dir is not None and n == 0:
-            write_overlays(out_dir / "overlays" / category, model, data, pred, masks)
-    return results, timings
+            overlays = write_overlays(out_dir, category, model, data, pred, masks)
+        shown.append(CategoryResult(
+            method=row["method"], category=category, metrics=row, timings=timings[-1],
+            names=[f"{item.defect}/{item.path.stem}" for item in data.test], scores=pred.scores.tolist(),
+            labels=labels.tolist(), threshold=threshold, threshold_source=source, overlays=overlays,
+            pro_curve=curve))
+    return results, timings, shown
 
 
-def calibrated_threshold(model: PatchCore, validation: torch.Tensor | None) -> float | None:
-    """None when there is nothing to set it from (no validation images, one training image)."""
+def calibrated_threshold(model: PatchCore, validation: torch.Tensor | None) -> tuple[float | None, str]:
+    """(threshold, where it came from); None when there is nothing to set it from (no validation
+    images, one training image)."""
     if validation is not None:
-        return quantile_threshold(model.score(validation).scores, CALIBRATION_QUANTILE)[0]
-    normal = model.bank.decision.normal_scores
-    return None if normal is None else float(normal.max())
+        threshold, source = quantile_threshold(model.score(validation).scores, CALIBRATION_QUANTILE)
+        return threshold, source.replace("good images", "validation/good images")
+    own = model.bank.decision  # cross-fitted on the training images (decision.py)
+    return own.threshold, own.threshold_source or "none"
 
 
 def f1_score(flagged: torch.Tensor, labels: torch.Tensor) -> float:
@@ -87,29 +101,37 @@ def f1_score(flagged: torch.Tensor, labels: torch.Tensor) -> float:
     return 2 * tp / (2 * tp + wrong) if tp or wrong else 1.0
 
 
-def write_overlays(folder: Path, model: PatchCore, data: MVTecCategory, pred, masks) -> None:
+def write_overlays(out_dir: Path, category: str, model: PatchCore, data: MVTecCategory, pred, masks) -> list[str]:
+    """Overlays of the test images in out_dir/overlays/CATEGORY; returns their paths relative to out_dir."""
     # the model's fixed scale: 0 to the highest good-image score; without one, this run's range
     low, high = model.bank.decision.colour_scale() or (float(pred.maps.min()), float(pred.maps.max()))
-    save_overlays(folder, [item.path for item in data.test], [f"{item.defect}_{item.path.stem}.png" for item in data.test],
+    names = [f"{item.defect}_{item.path.stem}.png" for item in data.test]
+    save_overlays(out_dir / "overlays" / category, [item.path for item in data.test], names,
                   pred.maps, [masks[i] if item.is_anomalous else None for i, item in enumerate(data.test)],
                   model.transform, model.batch_size, low, high, pred.scores)
+    return [f"overlays/{category}/{name}" for name in names]
 
 
 def evaluate(root, out_dir, categories=None, ratios=(0.1,), progress: bool = True, **model_args):
-    """Evaluate every category (all found under root by default); writes results.csv, tables.md
-    and timings.csv to out_dir and returns (results, timings, tables)."""
+    """Evaluate every category (all found under root by default); writes results.csv, tables.md,
+    timings.csv and report.html to out_dir and returns (results, timings, tables)."""
     out_dir = Path(out_dir)
     categories, ratios = check_arguments(root, categories, ratios)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, timings = [], []
+    results, timings, shown = [], [], []
     for category in tqdm(categories, desc="categories", disable=not progress):
-        r, t = evaluate_category(root, category, ratios, out_dir, progress=progress, **model_args)
+        r, t, s = evaluate_category(root, category, ratios, out_dir, progress=progress, **model_args)
         results += r
         timings += t
+        shown += s
     write_csv(out_dir / "results.csv", results, ["method", "category", "image_auroc", "pixel_auroc", "pro", "f1"])
     write_csv(out_dir / "timings.csv", timings, ["method", "category", *STAGES])
     tables = markdown_tables(results)
     (out_dir / "tables.md").write_text(tables)
+    settings = {"data": Path(root).resolve(), "categories": ", ".join(categories),
+                "coreset ratios": ", ".join(f"{r:g}" for r in ratios),
+                **{key: value for key, value in model_args.items() if value is not None}}
+    evaluate_report(out_dir / "report.html", shown, settings)
     return results, timings, tables
 
 

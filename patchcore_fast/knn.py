@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ._types import Progress
+
 from . import _checks
 from . import torch_ops  # noqa: F401  (registers torch.ops.patchcore_fast.*)
 from ._extension import CUDA_MAX_K, _C, compiled
@@ -23,7 +25,7 @@ DEFAULT_CUDA_KERNEL = "warp16x128"
 
 @torch.no_grad()
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, tile_elems: int = TILE_ELEMS,
-        cuda_kernel: str = DEFAULT_CUDA_KERNEL, progress=None):
+        cuda_kernel: str = DEFAULT_CUDA_KERNEL, progress: Progress = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest bank rows of each query by squared L2.
 
     Returns (squared_distances [Q, k] ascending, indices [Q, k] int64); ties go to the

@@ -8,6 +8,8 @@ decides where the rows live); predict = the scoring module (scoring.py) -> the d
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -15,9 +17,9 @@ from tqdm.auto import tqdm
 from . import decision, model_file, workers
 from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
-from .data import count_images, iter_image_batches
+from .data import ImageData, count_images, iter_image_batches
 from .errors import UserError
-from .index import Index, build_index, for_run
+from .index import FlatIndex, Index, build_index, for_run
 from .index.pruned import left_out_probes
 from .memory_bank import MemoryBank
 from .prediction import Prediction
@@ -31,9 +33,10 @@ class PatchCore:
     upsampled and smoothed with sigma 4. Settings that change results form `config`
     (PatchCoreConfig, saved with the model); the others are run-time `options` (RunOptions)."""
 
-    def __init__(self, backbone: str | FeatureExtractor = "wide_resnet50_2", layers=None, coreset_ratio: float = 0.1,
+    def __init__(self, backbone: str | FeatureExtractor = "wide_resnet50_2",
+                 layers: tuple[str, ...] | list[str] | None = None, coreset_ratio: float = 0.1,
                  framing: str = "whole", projection_dim: int | None = 128, num_neighbors: int = 1,
-                 reweight: bool = False, image_size: int = 224, resize: int = 256, device=None,
+                 reweight: bool = False, image_size: int = 224, resize: int = 256, device: str | torch.device | None = None,
                  weights: str | None = None, embed_dim: int = 1024, seed: int = 0, reweight_neighbors: int = 9,
                  half_precision: bool = False, **run_options):
         if isinstance(backbone, FeatureExtractor):
@@ -49,7 +52,8 @@ class PatchCore:
         self._setup(config, extractor, RunOptions.from_arguments(device, run_options))
 
     @classmethod
-    def from_config(cls, config: PatchCoreConfig, extractor: FeatureExtractor | None = None, device=None,
+    def from_config(cls, config: PatchCoreConfig, extractor: FeatureExtractor | None = None,
+                    device: str | torch.device | None = None,
                     **run_options) -> "PatchCore":
         """A model for `config`; its backbone is loaded (and its weights' SHA-256 checked) unless given."""
         model = cls.__new__(cls)
@@ -65,7 +69,7 @@ class PatchCore:
         self.workers = workers.current()
         self.bank: MemoryBank | None = None
         self._grid: tuple[int, int] | None = None
-        #: Seconds spent per stage (decode, features, coreset, index, scale, search, maps), accumulated over calls.
+        #: Seconds spent per stage (decode, features, coreset, index, threshold, search, maps), accumulated over calls.
         self.timings = StageTimes(options.device)
 
     def with_settings(self, **changes) -> "PatchCore":
@@ -121,13 +125,13 @@ class PatchCore:
                     unit="batch")
 
     @torch.no_grad()
-    def extract(self, data, desc: str = "features") -> torch.Tensor:
+    def extract(self, data: ImageData, desc: str = "features") -> torch.Tensor:
         """Patch features [images, patches, embed_dim] of images in any form `fit` accepts."""
         return collect((self._embed_timed(b.images) for b in self._batches(data, desc)), count_images(data), self.device)
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
-    def fit(self, data) -> "PatchCore":
+    def fit(self, data: ImageData) -> "PatchCore":
         """Build the memory bank from defect-free images (folder, paths, PIL images, tensor, DataLoader).
         Inside a process group (torchrun) each rank embeds its share and the bank is sharded."""
         self.check_fit_size(count_images(data))
@@ -157,17 +161,29 @@ class PatchCore:
         with self.timings("index"), self._step("search index"):
             index = self.workers.index(rows, picks, self._build_index).to(self.device)
         scoring = self.scoring_module(index)
-        normal = None
-        if features.dim() == 3:  # the colour scale: training images scored without their own rows
-            with self.timings("scale"), self._step("colour scale") as bar:
-                sample = decision.normal_sample(self.workers.total(len(features), "counting images"), c.seed)
-                normal = decision.leave_one_out_scores(
-                    sample, lambda i: self.workers.image_features(features, i), picks.cpu() // features.shape[1],
-                    index, lambda f, idx: scoring.patch_scores(f.to(self.device), idx)[0], bar.update)
-        self.bank = MemoryBank(index, grid, c, decision.Decision(normal))
+        decided = decision.Decision()
+        if features.dim() == 3:  # the threshold: cross-fitted on the training images
+            images = self.workers.total(len(features), "counting images")
+            with self.timings("threshold"), self._step("threshold (cross-fitted)") as bar:
+                normal = decision.cross_fitted_scores(
+                    images, c.seed, lambda kept: self._fold_index(features, kept),
+                    lambda i, idx: scoring.patch_scores(self.workers.image_features(features, i)[None].to(self.device),
+                                                        idx)[0], bar.update)
+            if normal is not None and float(normal.max()) > 0:
+                decided = decision.Decision(normal).with_threshold(
+                    *decision.cross_fitted_threshold(normal, min(decision.FOLDS, images)))
+        self.bank = MemoryBank(index, grid, c, decided)
         #: Images the bank was fitted on (None when fitted from pooled rows).
         self.fitted_images = self.workers.total(len(features), "counting images") if features.dim() == 3 else None
         return self
+
+    def _fold_index(self, features: torch.Tensor, kept: list[int]) -> Index:
+        """A bank fitted as the model's own, on the images `kept` only (cross-fitting)."""
+        c = self.config
+        rows = self.workers.image_rows(features, kept)
+        picks = self.workers.coreset(rows, c.coreset_ratio, c.projection_dim, c.seed, self.options.coreset_cuda_kernel,
+                                     None)
+        return self.workers.index(rows, picks, lambda bank_rows, *_: FlatIndex(bank_rows.to(self.device)))
 
     def _build_index(self, bank_rows: torch.Tensor, rows: torch.Tensor, picks: torch.Tensor) -> Index:
         o = self.options
@@ -184,7 +200,7 @@ class PatchCore:
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
-    def predict(self, data, on_original: bool = False) -> Prediction:
+    def predict(self, data: ImageData, on_original: bool = False) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts. With
         `on_original`, also each map drawn back on its own image (`Prediction.original_maps`)."""
         prediction = Prediction.concat([part for part, _ in self.predict_batches(data)], self.bank.decision.threshold)
@@ -194,7 +210,7 @@ class PatchCore:
         return prediction
 
     @torch.no_grad()
-    def predict_batches(self, data, view_side: int | None = None):
+    def predict_batches(self, data: ImageData, view_side: int | None = None) -> Iterator[Prediction]:
         """(Prediction, data.Batch) batch by batch, as they are scored: memory does not grow with the
         number of images. `view_side`: each batch also carries its decoded images with the long side
         at most view_side (`Batch.views`; None under torchrun), to draw overlays without decoding again."""
@@ -221,7 +237,7 @@ class PatchCore:
         return Prediction(image_scores.cpu(), maps, self.bank.decision.threshold)
 
     @torch.no_grad()
-    def calibrate(self, good_images, quantile: float = 0.99, defective_images=None) -> "PatchCore":
+    def calibrate(self, good_images: ImageData, quantile: float = 0.99, defective_images: ImageData | None = None) -> "PatchCore":
         """Sets the decision threshold, saved with the model: the `quantile` of the scores of
         defect-free images the model was not fitted on, or, given labelled `defective_images` too,
         the F1-optimal threshold on both (decision.py)."""
@@ -235,14 +251,14 @@ class PatchCore:
         return self
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """The bank, its index, grid, decision and config in one file, written atomically (model_file.py)."""
         if self.bank is None:
             raise UserError("nothing to save: fit() first")
         self.workers.save(path, self.config, self.bank.grid, self.bank.index, self.bank.decision)
 
     @classmethod
-    def load(cls, path, device=None, **run_options) -> "PatchCore":
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, **run_options) -> "PatchCore":
         """A fitted model from `save`'s file; refuses changed backbone weights and unknown format versions."""
         state = model_file.load(path)
         model = cls.from_config(state.config, None, device, **run_options)

@@ -60,6 +60,7 @@ class ModelState:
     index: Index
     decision: Decision
     written_by: str | None = None  # the patchcore_fast version that wrote the file
+    file_format: int = FORMAT_VERSION  # the format the file was written in (read through migrations)
 
 
 def save(path, config: PatchCoreConfig, grid, index: Index, decision: Decision) -> None:
@@ -124,6 +125,7 @@ def load(path) -> ModelState:
                          f"versions {', '.join(map(str, [*MIGRATIONS, FORMAT_VERSION]))}: use the patchcore_fast "
                          "that wrote it, or fit the model again")
     try:
+        written_as = meta["format_version"]
         while meta["format_version"] != FORMAT_VERSION:
             meta = MIGRATIONS[meta["format_version"]](meta)
         config = PatchCoreConfig.from_dict(meta["config"])
@@ -131,7 +133,7 @@ def load(path) -> ModelState:
         index = _restore_index(vectors, tensors, meta["index"])
         normal = tensors.get("normal_scores")
         decision = Decision(normal, meta["decision"]["threshold"], meta["decision"]["threshold_source"])
-        return ModelState(config, tuple(meta["grid"]), index, decision, meta.get("patchcore_fast"))
+        return ModelState(config, tuple(meta["grid"]), index, decision, meta.get("patchcore_fast"), written_as)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} has inconsistent model contents: {error}") from error
 

@@ -41,6 +41,10 @@ class SingleProcess:
     def image_features(self, per_image: torch.Tensor, image: int) -> torch.Tensor:
         return per_image[image]
 
+    def image_rows(self, per_image: torch.Tensor, images: list[int]) -> torch.Tensor:
+        """The patch rows of `images` (ascending image numbers) held here, in image order."""
+        return per_image[images].reshape(-1, per_image.shape[-1])
+
     def feature_batches(self, batches, embed, batch_size: int, feature_shape):
         """(features [b, patches, D], batch) for each batch, embedded by `embed`."""
         for batch in batches:
@@ -98,6 +102,12 @@ class ProcessGroup:
         mine = owner == distributed.rank_and_size()[0]
         local = per_image[image - first] if mine else torch.zeros(per_image.shape[1:], device=per_image.device)
         return distributed.broadcast(local.cpu(), owner, "sharing a training image").to(per_image.device)
+
+    def image_rows(self, per_image, images):
+        counts = distributed.row_counts(len(per_image), "counting images")
+        first = sum(counts[: distributed.rank_and_size()[0]])
+        mine = [i - first for i in images if first <= i < first + len(per_image)]
+        return per_image[mine].reshape(-1, per_image.shape[-1])
 
     def feature_batches(self, batches, embed, batch_size, feature_shape):
         """Every rank embeds its share, then every rank scores every image (the bank is sharded)."""

@@ -1,9 +1,21 @@
 import functools
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import patchcore_fast
 from patchcore_fast import build_info
+
+if os.environ.get("PATCHCORE_TEST_INSTALLED"):
+    # CI's run against the installed wheel: the package under test must not be this source tree.
+    _repository = Path(__file__).resolve().parents[1]
+    _package = Path(patchcore_fast.__file__).resolve()
+    if _repository in _package.parents:
+        raise pytest.UsageError(f"PATCHCORE_TEST_INSTALLED is set but patchcore_fast was imported from {_package}")
+    if not build_info()["extension"]:
+        raise pytest.UsageError(f"the installed wheel's extension does not load: {build_info().get('import_error')}")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

