@@ -1,6 +1,6 @@
 """MemoryBank: what fitting produces. The index over the coreset's patch features (which owns
 them), the patch grid they were computed on, the config that produced them, and the decision
-state (leave-one-out scores of training images, threshold). Saved by model_file.py."""
+state (cross-fitted scores of training images, threshold). Saved by model_file.py."""
 
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ class PatchCore:
         rows = self.workers.image_rows(features, kept)
         picks = self.workers.coreset(rows, c.coreset_ratio, c.projection_dim, c.seed, self.options.coreset_cuda_kernel,
                                      None)
-        return self.workers.index(rows, picks, lambda bank_rows, *_: FlatIndex(bank_rows.to(self.device)))
+        return self.workers.index(rows, picks, self._build_index)
 
     def _build_index(self, bank_rows: torch.Tensor, rows: torch.Tensor, picks: torch.Tensor) -> Index:
         o = self.options

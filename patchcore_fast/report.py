@@ -111,6 +111,10 @@ def histogram_plot(scores, labels, threshold: float | None) -> str:
         ax.hist(scores[labels], bins=bins, color=DEFECT_COLOUR, alpha=0.6, label=f"defective ({int(labels.sum())})")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1.5, label="threshold")
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # scores are often 5-digit numbers: keep labels apart
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set(xlabel="image score", ylabel="images", title="Score distributions")
     ax.legend(fontsize=7)
     return _svg(figure)

@@ -128,9 +128,6 @@ class InGraphIndex(nn.Module, Index):
     def rows(self, indices):
         return self.bank[indices]
 
-    def subset(self, keep):
-        return InGraphIndex(self.bank[keep])
-
     def to(self, device):
         return nn.Module.to(self, device)
 
@@ -155,7 +152,7 @@ class ScoringModule(nn.Module):
 
     def patch_scores(self, features: torch.Tensor, index: Index | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(image scores [b], patch scores [b, patches]) of patch features [b, patches, dim];
-        `index` replaces the module's (leave-one-out scores)."""
+        `index` replaces the module's (the cross-fitted threshold's fold banks)."""
         index = self.index if index is None else index
         b, patches, dim = features.shape
         k = min(self.num_neighbors, len(index))

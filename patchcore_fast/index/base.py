@@ -38,11 +38,6 @@ class Index(ABC):
         """Rows by index (any shape of indices) -> [*indices.shape, D]."""
 
     @abstractmethod
-    def subset(self, keep: torch.Tensor) -> "Index":
-        """An index of the rows where `keep` [len(self)] (bool) is true, searched by brute force;
-        distances equal those of the restricted bank."""
-
-    @abstractmethod
     def to(self, device: torch.device) -> "Index":
         """This index for searching on `device`."""
 

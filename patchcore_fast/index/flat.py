@@ -30,9 +30,6 @@ class FlatIndex(Index):
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         return self._vectors[indices]
 
-    def subset(self, keep: torch.Tensor) -> Index:
-        return FlatIndex(self._vectors[keep.to(self._vectors.device)], self.cuda_kernel)
-
     def to(self, device: torch.device | str) -> Index:
         device = torch.device(device)
         return self if self._vectors.device == device else FlatIndex(self._vectors.to(device), self.cuda_kernel)

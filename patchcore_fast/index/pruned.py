@@ -238,9 +238,6 @@ class PrunedIndex(Index):
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         return self._vectors[indices]
 
-    def subset(self, keep: torch.Tensor) -> Index:
-        return FlatIndex(self._vectors[keep])
-
     def to(self, device: torch.device | str) -> Index:
         device = torch.device(device)
         return self if device.type == "cpu" else FlatIndex(self._vectors.to(device))

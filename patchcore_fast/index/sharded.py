@@ -1,9 +1,9 @@
 """ShardedIndex: a bank whose rows are spread over the ranks of a process group.
 
-Rank r holds a contiguous run of rows (or, after `subset`, some of them) with their global
+Rank r holds a contiguous run of rows (or, for a fold bank, some of them) with their global
 indices; `search` is a collective: each rank searches its rows, the per-query lists are gathered
 and merged by (distance, global index), exactly `knn` on the whole bank. Every rank must call
-`search`, `rows`, `subset` and `all_vectors` together, with the same arguments.
+`search`, `rows` and `all_vectors` together, with the same arguments.
 """
 
 from __future__ import annotations
@@ -44,14 +44,6 @@ class ShardedIndex(Index):
         local = self.local if len(self.ids) else None
         return distributed.search(queries, local, self.ids, k, self.total)
 
-    def subset(self, keep: torch.Tensor) -> Index:
-        """The rows where `keep` [total] (the same mask on every rank); global indices are kept
-        (still ascending), so distances and their order are those of the restricted whole bank."""
-        mine = keep.cpu()[self.ids]
-        total = sum(distributed.row_counts(int(mine.sum()), "restricting the bank"))
-        return ShardedIndex(FlatIndex(self.vectors[mine.to(self.vectors.device)]) if bool(mine.any())
-                            else _Empty(self.vectors), self.ids[mine], total)
-
     def to(self, device: torch.device | str) -> Index:
         return ShardedIndex(self.local.to(device), self.ids, self.total)
 
@@ -84,7 +76,7 @@ class ShardedIndex(Index):
 
 
 class _Empty(FlatIndex):
-    """No rows on this rank (a subset that kept none of them): searched by nobody."""
+    """No rows on this rank (a bank that picked none of them): searched by nobody."""
 
     def __init__(self, like: torch.Tensor):
         self._vectors = like[:0]
