@@ -3,8 +3,9 @@
 Ranks are started once per module as a small pool (processes on 127.0.0.1, one thread each, as
 torchrun starts them); each benchmark round sends every rank the same command on its stdin and
 waits for all to answer, so a round's time is the job's time. Baselines in the same run, one
-process: the batched single-process kernel (`greedy_coreset`, `knn`) and the same one-pick-per-step
-loop without collectives (`_C.coreset_step`). The per-step cost model is in benchmarks/NOTES.md.
+process with two threads: the batched single-process kernel (`greedy_coreset`) and `knn`. The
+distributed coreset's rounds (count, picks per round, pass / all_gather / pick time, bytes) go
+into extra_info; the cost model built from them is in benchmarks/NOTES.md.
 """
 
 import json
@@ -18,9 +19,8 @@ import pytest
 import torch
 
 import patchcore_fast
-from patchcore_fast._extension import _C
 
-ROWS, DIM, STEPS = 156_800, 128, 500        # W_cpu's selection space (projected), a fixed number of steps
+ROWS, DIM, STEPS = 156_800, 128, 3_000      # W_cpu's selection space (projected), a fixed number of picks
 BANK, QUERIES = 16_464, 8_192                 # tire's bank size, 1024-d
 
 POOL = r"""
@@ -37,11 +37,12 @@ print("ready", flush=True)
 for line in sys.stdin:
     command, arg = line.split()
     start = time.perf_counter()
+    stats = distributed.RoundStats()
     if command == "coreset":
-        distributed.greedy_coreset(local_rows, n=int(arg), projection_dim=None)
+        distributed.greedy_coreset(local_rows, n=int(arg), projection_dim=None, rounds=stats)
     else:
         distributed.search(queries, local_bank, ids, int(arg), len(bank))
-    print(json.dumps(time.perf_counter() - start), flush=True)
+    print(json.dumps([time.perf_counter() - start, vars(stats)]), flush=True)
 distributed.shutdown()
 """
 
@@ -63,7 +64,9 @@ class Pool:
         for p in self.ranks:
             p.stdin.write(command + "\n")
             p.stdin.flush()
-        return max(json.loads(p.stdout.readline()) for p in self.ranks)
+        answers = [json.loads(p.stdout.readline()) for p in self.ranks]
+        self.last_rounds = [stats for _, stats in answers]
+        return max(seconds for seconds, _ in answers)
 
     def close(self):
         for p in self.ranks:
@@ -86,25 +89,15 @@ def data():
     return rows, bank, queries
 
 
-def one_pick_per_step(rows, steps):
-    """The distributed algorithm's arithmetic on one process: a full pass per pick, no collectives."""
-    min_distance = torch.full((len(rows),), float("inf"))
-    value, index = _C.coreset_step(rows, min_distance, None)
-    for _ in range(steps):
-        min_distance[index] = -float("inf")
-        value, index = _C.coreset_step(rows, min_distance, rows[index].contiguous())
-
-
-@pytest.mark.parametrize("impl", ["two_ranks_gloo", "one_process_step_loop", "one_process_batched_kernel"])
+@pytest.mark.parametrize("impl", ["two_ranks_gloo", "one_process_batched_kernel"])
 def test_distributed_coreset_steps(benchmark, data, pool2, impl):
     rows = data[0]
-    benchmark.group = f"distributed-coreset-{STEPS}-steps-{ROWS}x{DIM}-cpu"
-    benchmark.extra_info.update(steps=STEPS, rows=ROWS, dim=DIM, threads=torch.get_num_threads())
+    benchmark.group = f"distributed-coreset-{STEPS}-picks-{ROWS}x{DIM}-cpu"
+    benchmark.extra_info.update(picks=STEPS, rows=ROWS, dim=DIM, threads=torch.get_num_threads())
     if impl == "two_ranks_gloo":
         benchmark.extra_info.update(ranks=2, threads_per_rank=1)
         benchmark.pedantic(pool2.run, (f"coreset {STEPS}",), rounds=3, iterations=1, warmup_rounds=1)
-    elif impl == "one_process_step_loop":
-        benchmark.pedantic(one_pick_per_step, (rows, STEPS), rounds=3, iterations=1, warmup_rounds=1)
+        benchmark.extra_info["rounds_per_rank"] = pool2.last_rounds
     else:
         benchmark.pedantic(patchcore_fast.greedy_coreset, (rows,), {"n": STEPS, "projection_dim": None}, rounds=3,
                            iterations=1, warmup_rounds=1)

@@ -178,18 +178,55 @@ at::Tensor mean_distances(const at::Tensor& space, const at::Tensor& centres) {
   return without_gil([&] { return patchcore::mean_distances_cpu(space, centres); });
 }
 
-std::tuple<double, int64_t> coreset_step(const at::Tensor& space, at::Tensor min_distance,
-                                         const std::optional<at::Tensor>& centre) {
-  check_cpu_float_matrix(space, "coreset_step", "space");
-  TORCH_CHECK_VALUE(min_distance.is_cpu() && min_distance.scalar_type() == at::kFloat && min_distance.dim() == 1 &&
-                        min_distance.is_contiguous() && min_distance.size(0) == space.size(0),
-                    "coreset_step: min_distance must be a contiguous float32 [N] CPU tensor");
-  if (centre) {
-    TORCH_CHECK_VALUE(centre->is_cpu() && centre->scalar_type() == at::kFloat && centre->is_contiguous() &&
-                          centre->numel() == space.size(1),
-                      "coreset_step: centre must be a contiguous float32 [D] CPU tensor");
+std::unique_ptr<patchcore::CoresetShard> coreset_shard(const at::Tensor& space, const at::Tensor& initial) {
+  check_cpu_float_matrix(space, "CoresetShard", "space");
+  TORCH_CHECK_VALUE(initial.is_cpu() && initial.scalar_type() == at::kFloat && initial.dim() == 1 &&
+                        initial.size(0) == space.size(0),
+                    "CoresetShard: initial must be a float32 [N] CPU tensor, one start distance per row");
+  return std::make_unique<patchcore::CoresetShard>(space, initial);
+}
+
+std::tuple<at::Tensor, at::Tensor> coreset_shard_pass(patchcore::CoresetShard& shard, const at::Tensor& centres) {
+  TORCH_CHECK_VALUE(centres.is_cpu() && centres.scalar_type() == at::kFloat && centres.dim() == 2 &&
+                        centres.size(1) == shard.dim(),
+                    "CoresetShard.pass: centres must be a float32 [b, ", shard.dim(), "] CPU tensor");
+  return without_gil([&] { return shard.pass(centres); });
+}
+
+at::Tensor coreset_pick_batch(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& rows,
+                              double bound, int64_t remaining) {
+  check_cpu_float_matrix(rows, "coreset_pick_batch", "rows");
+  TORCH_CHECK_VALUE(values.is_cpu() && values.scalar_type() == at::kFloat && values.dim() == 1 &&
+                        indices.is_cpu() && indices.scalar_type() == at::kLong && indices.dim() == 1 &&
+                        values.size(0) == rows.size(0) && indices.size(0) == rows.size(0),
+                    "coreset_pick_batch: values float32 [U], indices int64 [U], rows float32 [U, D]");
+  TORCH_CHECK_VALUE(remaining >= 0, "coreset_pick_batch: remaining must be >= 0");
+  return without_gil([&] { return patchcore::coreset_pick_batch_cpu(values, indices, rows, bound, remaining); });
+}
+
+at::Tensor patch_embedding(const std::vector<at::Tensor>& maps, int64_t dim) {
+  TORCH_CHECK_VALUE(!maps.empty(), "patch_embedding: no feature maps");
+  TORCH_CHECK_VALUE(dim >= 1, "patch_embedding: dim must be >= 1, got ", dim);
+  for (size_t l = 0; l < maps.size(); ++l) {
+    const at::Tensor& m = maps[l];
+    TORCH_CHECK_VALUE(m.dim() == 4 && m.scalar_type() == at::kFloat, "patch_embedding: feature map ", l,
+                      " must be a 4-D float32 tensor [B, C, H, W], got ", m.dim(), "-D ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.size(0) == maps[0].size(0), "patch_embedding: feature map ", l, " has batch ", m.size(0),
+                      ", the first has ", maps[0].size(0));
+    TORCH_CHECK_VALUE(m.size(1) >= 1 && m.size(2) >= 1 && m.size(3) >= 1, "patch_embedding: feature map ", l,
+                      " is empty: ", m.sizes());
+    check_pair(m, maps[0], "patch_embedding");
   }
-  return patchcore::coreset_step_cpu(space, min_distance, centre);
+  if (maps[0].size(0) == 0) return at::zeros({0, dim}, maps[0].options());
+  if (maps[0].is_cuda()) {
+#ifdef PATCHCORE_WITH_CUDA
+    return patchcore::patch_embedding_cuda(maps, dim);
+#else
+    TORCH_CHECK(false, "patch_embedding: this build of patchcore_fast has no CUDA kernels");
+#endif
+  }
+  TORCH_CHECK_VALUE(maps[0].is_cpu(), "patch_embedding: unsupported device ", maps[0].device());
+  return without_gil([&] { return patchcore::patch_embedding_cpu(maps, dim); });
 }
 
 py::dict build_info() {
@@ -211,6 +248,7 @@ py::dict build_info() {
   py::dict kernels;
   kernels["greedy_coreset"] = path;
   kernels["knn"] = path;
+  kernels["patch_embedding"] = path;
   info["cpu_kernels"] = kernels;
   info["cpu_isa_supported"] = patchcore::cpu::supported_isas();
   info["cpu_isa_compiled"] = patchcore::cpu::compiled_isas();
@@ -243,7 +281,21 @@ PYBIND11_MODULE(_C, m) {
         "whatever the batch, thread count or CPU path)");
   m.def("mean_distances", &mean_distances, py::arg("space"), py::arg("centres"),
         "Each row's mean L2 distance to the centres, in a fixed order");
-  m.def("coreset_step", &coreset_step, py::arg("space"), py::arg("min_distance"), py::arg("centre") = py::none(),
-        "One greedy step in place: (largest min_distance, its row)");
+  py::class_<patchcore::CoresetShard>(m, "CoresetShard",
+      "One rank's shard of the distributed greedy coreset: its rows of the selection space and their "
+      "running minima (see patchcore_fast.distributed.greedy_coreset)")
+      .def(py::init(&coreset_shard), py::arg("space"), py::arg("initial"))
+      .def("pass_", &coreset_shard_pass, py::arg("centres"),
+           "Lowers the minima by the centres [b, dim]; returns the shard's farthest rows (values, local rows)")
+      .def("pin", &patchcore::CoresetShard::pin, py::arg("local_rows"), "Marks picked rows (never picked again)")
+      .def_property_readonly("min_distance", &patchcore::CoresetShard::min_distance);
+  m.attr("coreset_offered") = patchcore::cpu::kCandidates + 1;  // rows a shard's pass offers at most
+  m.def("coreset_pick_batch", &coreset_pick_batch, py::arg("values"), py::arg("indices"), py::arg("rows"),
+        py::arg("bound"), py::arg("remaining"),
+        "The next batch of picks from every shard's offers and the bound they put on every other row: "
+        "positions into the offers, in pick order");
+  m.def("patch_embedding", &patch_embedding, py::arg("maps"), py::arg("dim"),
+        "Locally aware patch features [B * H0 * W0, dim] of feature maps [B, C_l, H_l, W_l] (float32, one "
+        "device), computed without unfolding neighbourhoods (see patchcore_fast.embedding)");
   m.def("build_info", &build_info, "How this extension was built");
 }

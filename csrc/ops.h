@@ -9,6 +9,7 @@
 #include <functional>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace patchcore {
 
@@ -40,15 +41,38 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
     const Progress& progress = {});
 
 // Greedy-coreset pieces whose floats depend on the row alone (coreset_setup_cpu.cpp): the random
-// projection (rows x weights^T), each row's mean distance to `centres`, and one greedy step: rows
-// whose min_distance is >= 0 take their distance to `centre` (if given) into it, then the largest
-// min_distance and its row (lowest row on ties) are returned. Picked rows hold -inf.
+// projection (rows x weights^T) and each row's mean distance to `centres`.
 at::Tensor fixed_order_projection_cpu(const at::Tensor& features, const at::Tensor& weights);
 at::Tensor mean_distances_cpu(const at::Tensor& space, const at::Tensor& centres);
-std::tuple<double, int64_t> coreset_step_cpu(const at::Tensor& space, at::Tensor& min_distance,
-                                             const std::optional<at::Tensor>& centre);
+
+// The distributed greedy coreset's per-rank parts (coreset_shard_cpu.cpp). A shard holds its rows of
+// the selection space and their running minima; `pass(centres [b, dim])` lowers the minima by the
+// centres and returns the shard's kCandidates + 1 farthest rows (values, local rows; best first);
+// `pin(rows)` marks picked rows. `coreset_pick_batch_cpu` picks the next batch from every shard's
+// offers (values [U], global indices [U], rows [U, dim]) given the bound T they put on every other
+// row (coreset_batch.h): positions into the offers, in pick order.
+class CoresetShard {
+ public:
+  CoresetShard(const at::Tensor& space, const at::Tensor& initial);
+  std::tuple<at::Tensor, at::Tensor> pass(const at::Tensor& centres);
+  void pin(const at::Tensor& local_rows);
+  at::Tensor min_distance() const { return min_distance_; }
+  int64_t dim() const { return space_.size(1); }
+
+ private:
+  at::Tensor space_, min_distance_;
+  std::vector<float> norm_sq_, norm_, skip_below_;
+};
+at::Tensor coreset_pick_batch_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& rows,
+                                  double bound, int64_t remaining);
+
+// The locally aware patch embedding (patchcore_fast/embedding.py, csrc/embedding_bins.h): feature
+// maps [B, C_l, H_l, W_l] float32, one per layer (the first layer's grid is the output grid) ->
+// features [B * H_0 * W_0, dim], computed without unfolding any neighbourhood.
+at::Tensor patch_embedding_cpu(const std::vector<at::Tensor>& maps, int64_t dim);
 
 #ifdef PATCHCORE_WITH_CUDA
+at::Tensor patch_embedding_cuda(const std::vector<at::Tensor>& maps, int64_t dim);
 // The two CUDA coreset kernels (same picks; see csrc/cuda/greedy_coreset_cuda.cuh).
 enum class CoresetKernel { kCached, kResident };
 at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& initial, int64_t n,

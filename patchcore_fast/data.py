@@ -10,6 +10,8 @@ intermediate."""
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -309,6 +311,46 @@ def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bo
                                               views[batch_size:])
     if pending:
         yield Batch(torch.stack(pending), sizes, sources, views if view_side is not None else None)
+
+
+def prefetched(items: Iterable, depth: int = 1) -> Iterator:
+    """The items of `items`, made by a background thread at most `depth` items ahead of the
+    consumer: the next batch is decoded and resized while the network runs on this one, and
+    memory holds at most depth + 1 batches. An exception raised making an item is raised here,
+    in its place; closing the iterator (or an exception in the consumer) stops the producer."""
+    made: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                made.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((end, error))
+
+    threading.Thread(target=produce, name="patchcore_fast-decode", daemon=True).start()
+    try:
+        while True:
+            item, error = made.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def bounded(rgb: Image.Image, side: int) -> Image.Image:

@@ -6,8 +6,10 @@ the single-process feature matrix and a row's global index is its rank's offset 
 
 - `greedy_coreset(local_rows, ...)`: exactly the picks of the single-process `greedy_coreset` on
   the concatenated rows (same seed, projection and start; each value is summed in a fixed order,
-  so a row's floats do not depend on which rank computes it). One step = one `all_gather` of each
-  rank's best (distance, global index, row); the highest distance wins, the lower index on ties.
+  so a row's floats do not depend on which rank computes it). One round = one pass over each
+  rank's rows and one `all_gather` of each rank's farthest rows, from which every rank picks the
+  same batch of centres (tens of picks per round; the single-process kernel's rule with ranks in
+  place of threads, csrc/cpu/coreset_batch.h).
 - `search(queries, local_bank, local_ids, k)`: every rank searches its shard, the per-query lists
   are gathered and merged by (distance, global bank index): exactly `knn` on the whole bank.
 - The sharded bank itself is `index.sharded.ShardedIndex`; `workers.ProcessGroup` wires these into a
@@ -24,6 +26,8 @@ import contextlib
 import datetime
 import math
 import os
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -159,13 +163,32 @@ def gather_rows(local: torch.Tensor, indices: torch.Tensor, offsets: list[int], 
 
 
 # ---------------------------------------------------------------------------------------- coreset
+@dataclass
+class RoundStats:
+    """What a distributed coreset's rounds cost on this rank: one pass, one all_gather, one pick each."""
+    rounds: int = 0
+    picks_per_round: float = 0.0
+    pass_s: float = 0.0      # this rank's passes over its rows
+    gather_s: float = 0.0    # the all_gathers (waiting for the slowest rank included)
+    pick_s: float = 0.0      # picking from the union, pinning
+    bytes_sent: int = 0      # this rank's offers
+
+    def add(self, pass_s: float, gather_s: float, pick_s: float, sent: int) -> None:
+        self.rounds += 1
+        self.pass_s += pass_s
+        self.gather_s += gather_s
+        self.pick_s += pick_s
+        self.bytes_sent += sent
+
+
 @torch.no_grad()
 def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: int | None = None,
                    projection_dim: int | None = 128, num_starts: int = 10, seed: int = 0,
-                   progress=None) -> torch.Tensor:
+                   progress=None, rounds: "RoundStats | None" = None) -> torch.Tensor:
     """Global row indices, in selection order, of the greedy coreset of the rows spread over the
     ranks (this rank's share `local_rows` [n_r, D], rank order = row order): on every rank, exactly
-    what `patchcore_fast.greedy_coreset(all rows, ...)` returns on the CPU. Runs on the CPU (gloo)."""
+    what `patchcore_fast.greedy_coreset(all rows, ...)` returns on the CPU. Runs on the CPU (gloo).
+    `rounds`, if given, is filled with the rounds' count, bytes and times (RoundStats)."""
     if not active():
         raise DistributedError("distributed.greedy_coreset needs a process group of several ranks "
                                "(launch with torchrun); in one process use patchcore_fast.greedy_coreset")
@@ -191,24 +214,45 @@ def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: i
     centres = gather_rows(space, start_rows(total, num_starts, generator), offsets, "sharing the start rows")
     min_distance = mean_start_distances(space, centres) if len(space) else torch.empty(0)
 
-    picks = []
-    value, index = _C.coreset_step(space, min_distance, None) if len(space) else (-math.inf, -1)
-    payload = torch.empty(2 + space.shape[1], dtype=torch.float64)
-    for step in range(size):
-        # this rank's best: (distance, global index, row); float32 values are exact in float64
-        payload[0] = value
-        payload[1] = offset + index if index >= 0 else math.inf
-        payload[2:] = space[index] if index >= 0 else 0
-        everyone = all_gather(payload, f"coreset step {step + 1} of {size}")
-        winner = max(everyone, key=lambda p: (float(p[0]), -float(p[1])))
-        pick = int(winner[1])
-        picks.append(pick)
-        if offset <= pick < offset + len(space):
-            min_distance[pick - offset] = -math.inf
-        if len(space):
-            value, index = _C.coreset_step(space, min_distance, winner[2:].float().contiguous())
+    # Rounds: each rank's pass lowers its rows' minima by the last round's picks and offers its
+    # farthest rows (_C.coreset_offered of them) as float32 rows [value, global index (its int64
+    # bits in two slots), row]; one all_gather; every rank then picks the same batch from the union
+    # (_C.coreset_pick_batch, the single-process kernel's rule: picks identical to it,
+    # csrc/cpu/coreset_batch.h).
+    shard = _C.CoresetShard(space.contiguous(), min_distance)
+    dim = space.shape[1]
+    offer = torch.empty(_C.coreset_offered, 3 + dim)
+    no_row = torch.iinfo(torch.int64).max  # padding: never a candidate
+    picks: list[int] = []
+    centres = torch.empty(0, dim)
+    stats = rounds if rounds is not None else RoundStats()
+    while len(picks) < size:
+        started = time.perf_counter()
+        values, local = shard.pass_(centres)
+        passed = time.perf_counter()
+        index = torch.full((len(offer),), no_row, dtype=torch.int64)
+        index[: len(values)] = local + offset
+        offer[:, 0], offer[:, 3:] = -math.inf, 0
+        offer[: len(values), 0], offer[: len(values), 3:] = values, space[local]
+        offer[:, 1:3] = index.view(torch.float32).view(-1, 2)
+        offers = torch.stack(all_gather(offer, f"coreset round {stats.rounds + 1} ({len(picks)} of {size} picks)"))
+        gathered = time.perf_counter()
+        indices = offers[:, :, 1:3].contiguous().view(torch.int64).squeeze(-1)  # [ranks, offered]
+        full = (indices != no_row).all(dim=1)  # a full offer's last value bounds the rank's other rows
+        bound = float(offers[full, -1, 0].max()) if bool(full.any()) else -math.inf
+        union, indices = offers[indices != no_row], indices[indices != no_row]
+        chosen = _C.coreset_pick_batch(union[:, 0].contiguous(), indices, union[:, 3:].contiguous(), bound,
+                                       size - len(picks))
+        new = indices[chosen]
+        centres = union[chosen, 3:].contiguous()
+        mine = new[(new >= offset) & (new < offset + len(space))] - offset
+        if len(mine):
+            shard.pin(mine)
+        picks.extend(new.tolist())
+        stats.add(passed - started, gathered - passed, time.perf_counter() - gathered, offer.numel() * 4)
         if progress is not None:
-            progress(step + 1)
+            progress(len(picks))
+    stats.picks_per_round = len(picks) / max(1, stats.rounds)
     return torch.tensor(picks, dtype=torch.int64)
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import decision, model_file, workers
 from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
-from .data import ImageData, count_images, iter_image_batches
+from .data import ImageData, count_images, iter_image_batches, prefetched
 from .errors import UserError
 from .index import FlatIndex, Index, build_index, for_run
 from .index.pruned import left_out_probes
@@ -119,7 +119,8 @@ class PatchCore:
 
     def _batches(self, data, desc, view_side=None):
         total = count_images(data)
-        batches = iter_image_batches(data, self.transform, self.batch_size, self.options.skip_bad_images, view_side)
+        batches = prefetched(iter_image_batches(data, self.transform, self.batch_size, self.options.skip_bad_images,
+                                                view_side))  # decoded while the network runs
         return tqdm(self.timings.iterate(batches, "decode"), desc=desc,
                     total=None if total is None else -(-total // self.batch_size), disable=not self.options.progress,
                     unit="batch")
@@ -166,7 +167,7 @@ class PatchCore:
             images = self.workers.total(len(features), "counting images")
             with self.timings("threshold"), self._step("threshold (cross-fitted)") as bar:
                 normal = decision.cross_fitted_scores(
-                    images, c.seed, lambda kept: self._fold_index(features, kept),
+                    images, c.seed, lambda kept: self._fold_index(features, kept, index),
                     lambda i, idx: scoring.patch_scores(self.workers.image_features(features, i)[None].to(self.device),
                                                         idx)[0], bar.update)
             if normal is not None and float(normal.max()) > 0:
@@ -177,18 +178,20 @@ class PatchCore:
         self.fitted_images = self.workers.total(len(features), "counting images") if features.dim() == 3 else None
         return self
 
-    def _fold_index(self, features: torch.Tensor, kept: list[int]) -> Index:
-        """A bank fitted as the model's own, on the images `kept` only (cross-fitting)."""
+    def _fold_index(self, features: torch.Tensor, kept: list[int], whole: Index) -> Index:
+        """A bank fitted as the model's own, on the images `kept` only (cross-fitting); its index
+        takes the choices made for `whole`, the index of the bank of all images."""
         c = self.config
         rows = self.workers.image_rows(features, kept)
         picks = self.workers.coreset(rows, c.coreset_ratio, c.projection_dim, c.seed, self.options.coreset_cuda_kernel,
                                      None)
-        return self.workers.index(rows, picks, self._build_index)
+        return self.workers.index(rows, picks, lambda bank, *_: self._build_index(bank, like=whole))
 
-    def _build_index(self, bank_rows: torch.Tensor, rows: torch.Tensor, picks: torch.Tensor) -> Index:
+    def _build_index(self, bank_rows: torch.Tensor, rows: torch.Tensor | None = None,
+                     picks: torch.Tensor | None = None, like: Index | None = None) -> Index:
         o = self.options
-        return build_index(bank_rows, self.device, o.pruned_search, o.knn_cuda_kernel,
-                           lambda: left_out_probes(rows, picks, self.config.seed))
+        probes = None if like is not None else lambda: left_out_probes(rows, picks, self.config.seed)
+        return build_index(bank_rows, self.device, o.pruned_search, o.knn_cuda_kernel, probes, like)
 
     def scoring_module(self, index: Index | None = None) -> ScoringModule:
         """The scoring path (scoring.py) over `index` (default: the fitted bank's)."""

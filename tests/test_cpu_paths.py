@@ -17,7 +17,7 @@ def test_build_info_names_the_path_of_each_kernel(monkeypatch):
     assert info["cpu_isa"] == info["cpu_isa_supported"][-1]  # the best this CPU runs, by default
     assert info["cpu_isa_supported"][0] == "generic"
     assert set(info["cpu_isa_supported"]) <= set(info["cpu_isa_compiled"])
-    assert info["cpu_kernels"] == {"greedy_coreset": info["cpu_isa"], "knn": info["cpu_isa"]}
+    assert info["cpu_kernels"] == {"greedy_coreset": info["cpu_isa"], "knn": info["cpu_isa"], "patch_embedding": info["cpu_isa"]}
     monkeypatch.setenv("PATCHCORE_CPU_ISA", "generic")
     assert patchcore_fast.build_info()["cpu_kernels"]["knn"] == "generic"
 

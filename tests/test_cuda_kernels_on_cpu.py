@@ -101,3 +101,19 @@ def test_emulated_negative_zero_start_ranks_as_zero(harness, kernel):
     initial[::5] = -0.0
     picks, _ = emulator.run(harness, kernel, x, initial, 40, 2, 227 * KIB)
     assert torch.equal(picks, greedy_coreset_reference(x, initial.abs(), 40))
+
+
+@pytest.mark.parametrize("shapes,dim", [
+    ([(2, 40, 6, 5), (2, 112, 3, 3)], 64),        # Lite0-like channels, fewer than 9 C bins
+    ([(1, 13, 4, 7), (1, 29, 2, 4), (1, 7, 1, 2)], 37),  # three layers, columns straddling layers
+    ([(1, 5, 3, 3), (1, 6, 5, 4)], 1024),          # a deeper layer on a finer grid, bins repeated
+])
+def test_emulated_embedding_equals_the_authors_order(harness, shapes, dim):
+    from patchcore_fast.embedding import embedding_error_bound
+    from patchcore_fast.reference.embedding import reference_patch_embedding
+    g = torch.Generator().manual_seed(dim)
+    maps = [torch.randn(*s, generator=g) for s in shapes]
+    ours = emulator.run_embedding(harness, maps, dim)
+    ref, _ = reference_patch_embedding(maps, dim)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= embedding_error_bound(maps, dim)

@@ -177,3 +177,72 @@ def test_cli_fit_and_predict_under_torchrun_match_one_process(tmp_path):
     cli(two, "predict", str(tmp_path / "two.pcf"), str(test), "--out", str(tmp_path / "p2"), "--quiet", "--batch-size", "2")
     assert (tmp_path / "p1" / "scores.csv").read_text() == (tmp_path / "p2" / "scores.csv").read_text()
     assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == sorted(p.name for p in (tmp_path / "p1").iterdir())
+
+
+def _rounds_in_one_process(x, initial, bounds, n):
+    """The distributed coreset's rounds with shards [bounds[r], bounds[r + 1]) in one process: each
+    shard's pass offers its farthest rows, the union picks the batch (what every rank does)."""
+    from patchcore_fast._extension import _C
+
+    shards = [_C.CoresetShard(x[a:b].contiguous(), initial[a:b].contiguous()) for a, b in zip(bounds, bounds[1:])]
+    picks, centres, rounds = [], torch.empty(0, x.shape[1]), 0
+    while len(picks) < n:
+        values, indices, bound = [], [], -float("inf")
+        for shard, start in zip(shards, bounds):
+            v, local = shard.pass_(centres)
+            assert len(v) <= _C.coreset_offered and torch.equal(v, v.sort(descending=True).values)
+            values.append(v)
+            indices.append(local + start)
+            if len(v) == _C.coreset_offered:
+                bound = max(bound, float(v[-1]))
+        values, indices = torch.cat(values), torch.cat(indices)
+        chosen = _C.coreset_pick_batch(values, indices, x[indices].contiguous(), bound, n - len(picks))
+        assert len(chosen) >= 1
+        new = indices[chosen]
+        for shard, a, b in zip(shards, bounds, bounds[1:]):
+            mine = new[(new >= a) & (new < b)] - a
+            if len(mine):
+                shard.pin(mine)
+        centres = x[new].contiguous()
+        picks += new.tolist()
+        rounds += 1
+    return torch.tensor(picks), rounds
+
+
+@pytest.mark.parametrize("rows, dim, cuts, kind", [
+    (3001, 37, [0, 1500, 3001], "gaussian"),
+    (2500, 64, [0, 10, 10, 2100, 2500], "gaussian"),      # a tiny shard and an empty one
+    (1200, 24, [0, 400, 800, 1200], "integers"),        # many exact ties
+    (700, 5, [0, 100, 700], "clusters"),                # duplicates: every row picked once
+])
+def test_shard_rounds_pick_what_one_process_picks(rows, dim, cuts, kind):
+    from patchcore_fast.coreset import seeded_start
+
+    g = torch.Generator().manual_seed(rows)
+    if kind == "gaussian":
+        x = torch.randn(rows, dim, generator=g)
+    elif kind == "integers":
+        x = torch.randint(-2, 3, (rows, dim), generator=g).float()
+    else:
+        x = torch.randn(7, dim, generator=g)[torch.randint(0, 7, (rows,), generator=g)]
+    _, initial = seeded_start(x, None, 10, seed=1)
+    for n in (1, 97, 333, rows):
+        expected = greedy_coreset(x, n=n, projection_dim=None, initial_distances=initial)
+        picks, rounds = _rounds_in_one_process(x, initial, cuts, n)
+        assert torch.equal(picks, expected), (n, (picks != expected).nonzero()[:3])
+        assert rounds < n or n == 1 or kind == "clusters"
+
+
+def test_shard_parts_refuse_bad_input():
+    from patchcore_fast._extension import _C
+
+    x = torch.randn(50, 8)
+    with pytest.raises(ValueError, match="initial"):
+        _C.CoresetShard(x, torch.zeros(49))
+    shard = _C.CoresetShard(x, torch.ones(50))
+    with pytest.raises(ValueError, match="centres"):
+        shard.pass_(torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="values"):
+        _C.coreset_pick_batch(torch.zeros(3), torch.zeros(3), x[:3].contiguous(), 0.0, 1)
+    with pytest.raises(RuntimeError, match="outside the shard"):
+        shard.pin(torch.tensor([50]))

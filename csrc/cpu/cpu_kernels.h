@@ -33,7 +33,7 @@ struct CoresetPass {
   const float* centres;       // packed centre panels, [panels][dim][panel_width]
   const float* centre_norm_sq;  // [batch]
   const float* centre_norm;     // [batch]
-  const int64_t* centre_index;  // [batch] row index of each centre
+  const float* centre_rows;     // [batch, dim] the centres' rows (copies: a rank's centres may live elsewhere)
   int batch;                  // number of centres (0: only collect the top rows)
   float screen_error;         // relative error bound of the screen's expanded form
 };
@@ -76,6 +76,30 @@ struct PrunedKnn {
   int64_t* extended_rows;       // [blocks]: bank rows screened again by the extension
 };
 
+// One layer of the locally aware patch embedding (embedding_bins.h) for cells of its own grid:
+// each cell's neighbourhood bins, summed per output column and divided by the layer count, are
+// written to its row of `out` (added to the first `added_columns`, which the previous layer
+// shares). Rows are cells in (image, y, x) order.
+struct EmbedLayer {
+  const float* maps;            // [B, channels, height, width]
+  int64_t channels, height, width;
+  int64_t dim;                  // bins of a neighbourhood vector
+  int64_t layer, layers;        // bin b feeds column (layer * dim + b) / layers
+  int64_t first_column, columns;
+  float* out;                   // cell r, column j at out[r * out_stride + j - first_column]
+  int64_t out_stride, added_columns;
+};
+
+// Bilinear resampling (align_corners=False) of a layer's columns onto the first layer's grid,
+// written to `out` (added to the first `added_columns`). Rows are output cells' rows,
+// image * out_height + y.
+struct ResampleAdd {
+  const float* source;          // [B, height, width, columns]
+  int64_t height, width, columns;
+  float* out;                   // cell r, column j at out[r * out_stride + j]
+  int64_t out_height, out_width, out_stride, added_columns;
+};
+
 struct Kernels {
   const char* name;           // "generic", "avx2" or "avx512"
   int panel_width;            // centres or bank rows per packed panel
@@ -92,6 +116,9 @@ struct Kernels {
   void (*project)(const float* rows, int64_t dim, int64_t lo, int64_t hi, const float* packed, int64_t panels,
                   float* out, int64_t out_stride);
   void (*knn_pruned)(const PrunedKnn& search, int64_t block_lo, int64_t block_hi);
+  // Rows [lo, hi) of a layer's grid (image * height + y) / of the output grid.
+  void (*embed_layer)(const EmbedLayer& layer, int64_t row_lo, int64_t row_hi);
+  void (*resample_add)(const ResampleAdd& resample, int64_t row_lo, int64_t row_hi);
 };
 
 extern const Kernels kGenericKernels;

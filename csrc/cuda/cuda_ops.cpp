@@ -8,7 +8,9 @@
 #include <limits>
 
 #include "cuda/greedy_coreset_cuda.cuh"
+#include "cuda/embedding_cuda.cuh"
 #include "cuda/knn_cuda.cuh"
+#include "embedding_bins.h"
 #include "ops.h"
 
 namespace patchcore {
@@ -111,6 +113,24 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in, const 
                    splits > 1 ? part_index.data_ptr<int32_t>() : nullptr, out_distance.data_ptr<float>(),
                    out_index.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
   return {out_distance, out_index};
+}
+
+at::Tensor patch_embedding_cuda(const std::vector<at::Tensor>& maps_in, int64_t dim) {
+  const c10::cuda::CUDAGuard guard(maps_in[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t layers = static_cast<int64_t>(maps_in.size());
+  const int64_t batch = maps_in[0].size(0), height = maps_in[0].size(2), width = maps_in[0].size(3);
+  at::Tensor out = at::zeros({batch * height * width, dim}, maps_in[0].options());
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor maps = maps_in[l].contiguous();
+    const int64_t h = maps.size(2), w = maps.size(3);
+    at::Tensor pooled = at::empty({batch, embedding::column_count(l, dim, layers), h, w}, out.options());
+    cuda::embed_layer_launch(maps.data_ptr<float>(), batch, maps.size(1), h, w, dim, l, layers,
+                             pooled.data_ptr<float>(), stream);
+    cuda::embed_resample_add_launch(pooled.data_ptr<float>(), batch, h, w, dim, l, layers, out.data_ptr<float>(),
+                                    height, width, stream);
+  }
+  return out;
 }
 
 }  // namespace patchcore

@@ -12,10 +12,13 @@ __all__ = ["FlatIndex", "Index", "PrunedIndex", "build_index", "for_run"]
 
 
 def build_index(bank: torch.Tensor, device: torch.device, pruned: bool = True, cuda_kernel: str = "warp16x128",
-                probes=None) -> Index:
+                probes=None, like: Index | None = None) -> Index:
     """The index a fitted bank gets: pruned on the CPU when asked (`probes()`: queries like the ones
-    to come, on which it measures whether pruning pays), flat elsewhere; on `device`."""
+    to come, on which it measures whether pruning pays; or the choices of `like`, a pruned index of
+    a bank from the same data), flat elsewhere; on `device`."""
     if pruned and device.type == "cpu":
+        if isinstance(like, PrunedIndex):
+            return PrunedIndex.build(bank.cpu(), like=like)
         return PrunedIndex.build(bank.cpu(), probes() if probes is not None else None)
     return FlatIndex(bank.to(device), cuda_kernel)
 

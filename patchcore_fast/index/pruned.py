@@ -100,16 +100,24 @@ class PrunedIndex(Index):
     @classmethod
     @torch.no_grad()
     def build(cls, bank: torch.Tensor, probes: torch.Tensor | None = None, rank: int | None = None,
-              first_rank: int | None = None) -> "PrunedIndex":
+              first_rank: int | None = None, like: "PrunedIndex | None" = None) -> "PrunedIndex":
         """The index of `bank` [M, D] (float32, searched on the CPU). `probes` [P, D]: queries like
         the ones to come, on which the rank and the cascade are chosen (RANK_CHOICES, measured with
         the kernel) and whether pruning pays is decided; without them the rank is D / 16 (at most
         64) and pruning is assumed to pay. `rank` fixes the rank, and `first_rank` (< rank) makes
-        the index a cascade with a first screen of that many directions."""
+        the index a cascade with a first screen of that many directions. `like`: an index of a
+        bank from the same data (e.g. a fit on a subset of the images) whose directions, ranks and
+        decision are taken instead of measured: no covariance, no probes; still exact."""
         bank = _checks.float_matrix(bank, "bank").cpu()
         m, d = bank.shape
         if first_rank is not None and rank is None:
             raise ValueError("first_rank needs rank")
+        if like is not None:
+            if rank is not None or probes is not None:
+                raise ValueError("like takes the rank and the decision from that index: give no rank or probes")
+            if like.vectors.shape[1] != d:
+                raise ValueError(f"like is an index of {like.vectors.shape[1]}-d rows, the bank has {d}")
+            rank, first_rank = like.rank, (like.first_rank if like.first_rank < like.rank else None)
         if rank is not None:
             ranks = [_checks.integer(rank, "rank", 1, d)]
             if first_rank is not None:
@@ -120,14 +128,17 @@ class PrunedIndex(Index):
         # The bank's principal directions: the covariance summed in float32 per chunk of rows and in
         # float64 across chunks (any orthonormal basis keeps the search exact: the basis is then
         # made orthonormal in float64 and its float32 rounding enters the margin).
-        total, second = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
-        for chunk in bank.split(CHUNK_ROWS):
-            total += chunk.double().sum(dim=0)
-            second += (chunk.T @ chunk).double()
-        mean = total / m
-        _, vectors = torch.linalg.eigh(second - m * torch.outer(mean, mean))  # m x the covariance
         top = max(ranks)
-        basis64 = torch.linalg.qr(vectors[:, -top:].flip(1))[0].T.contiguous()  # orthonormal rows, leading first
+        if like is not None:  # the other index's directions, made orthonormal in float64 again
+            basis64 = torch.linalg.qr(like.basis.double().T)[0].T.contiguous()
+        else:
+            total, second = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+            for chunk in bank.split(CHUNK_ROWS):
+                total += chunk.double().sum(dim=0)
+                second += (chunk.T @ chunk).double()
+            mean = total / m
+            _, vectors = torch.linalg.eigh(second - m * torch.outer(mean, mean))  # m x the covariance
+            basis64 = torch.linalg.qr(vectors[:, -top:].flip(1))[0].T.contiguous()  # orthonormal rows, leading first
         # Per row, once for the largest rank: the projections y (float64, stored as float32), the
         # squared norm of the part outside all `top` directions, and the squared norms of y's tails,
         # so that every smaller rank r has rho_r^2 = rho_top^2 + sum_{j >= r} y_j^2 (a sum of
@@ -168,6 +179,10 @@ class PrunedIndex(Index):
             basis = basis64[:r].float().contiguous()
             return cls(bank, basis, screen, float((basis.double() - basis64[:r]).norm()), bank_extension=extension)
 
+        if like is not None:
+            index = index_of(1, first=0) if first_rank is not None else index_of(0)
+            index.probe_share, index.probe_cost, index.pays = like.probe_share, like.probe_cost, like.pays
+            return index
         if first_rank is not None:
             cascade = index_of(1, first=0)
             if probes is not None:

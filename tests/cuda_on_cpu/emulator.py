@@ -18,7 +18,7 @@ import torch
 
 HERE = Path(__file__).parent
 CSRC = HERE.parents[1] / "csrc"
-SOURCES = ("greedy_coreset_cuda.cu", "greedy_coreset_resident.cu", "knn_cuda.cu")
+SOURCES = ("embedding_cuda.cu", "greedy_coreset_cuda.cu", "greedy_coreset_resident.cu", "knn_cuda.cu")
 
 
 def as_cpu_source(text: str) -> str:
@@ -80,3 +80,16 @@ def run_knn(exe: Path, queries: torch.Tensor, bank: torch.Tensor, k: int, splits
     distances = np.frombuffer(result.stdout[: 4 * count], dtype=np.float32).reshape(-1, k)
     indices = np.frombuffer(result.stdout[4 * count :], dtype=np.int64).reshape(-1, k)
     return torch.from_numpy(distances.copy()), torch.from_numpy(indices.copy())
+
+
+def run_embedding(exe: Path, maps: list[torch.Tensor], dim: int, timeout: float = 600) -> torch.Tensor:
+    """Patch features [B * H_0 * W_0, dim] from the CUDA embedding kernels."""
+    batch = maps[0].shape[0]
+    header = [len(maps), dim, batch] + [s for m in maps for s in m.shape[1:]]
+    payload = np.array(header, dtype=np.int64).tobytes() + b"".join(m.float().contiguous().numpy().tobytes() for m in maps)
+    result = subprocess.run([str(exe), "embedding", "1", str(227 * 1024)], input=payload, capture_output=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.decode(errors="replace").strip())
+    out = np.frombuffer(result.stdout, dtype=np.float32).reshape(-1, dim)
+    return torch.from_numpy(out.copy())

@@ -9,6 +9,10 @@
 //     input:  int64 Q, M, dim (a multiple of 16), k, splits, warp_rows; float32 queries [Q * dim],
 //             bank [M * dim]
 //     output: float32 distances [Q * k], int64 indices [Q * k]
+//   KERNEL embedding
+//     input:  int64 layers, dim, batch, then per layer int64 channels, height, width;
+//             float32 maps of each layer [batch * channels * height * width]
+//     output: float32 features [batch * height_0 * width_0 * dim]
 #include <cuda_fp16.h>
 
 #include <cstdio>
@@ -16,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "../embedding_bins.h"
+#include "embedding_cuda.cuh"
 #include "greedy_coreset_cuda.cuh"
 #include "knn_cuda.cuh"
 
@@ -47,9 +53,33 @@ void run_knn() {
   std::fwrite(index, sizeof(int64_t), num_queries * k, stdout);
 }
 
+// As csrc/cuda/cuda_ops.cpp patch_embedding_cuda does.
+void run_embedding() {
+  int64_t header[3];
+  read_exactly(header, 3);
+  const int64_t layers = header[0], dim = header[1], batch = header[2];
+  std::vector<int64_t> shapes(3 * layers);
+  read_exactly(shapes.data(), shapes.size());
+  std::vector<float*> maps(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t count = batch * shapes[3 * l] * shapes[3 * l + 1] * shapes[3 * l + 2];
+    maps[l] = emu::device_alloc<float>(count);
+    read_exactly(maps[l], count);
+  }
+  const int64_t height = shapes[1], width = shapes[2];
+  float* out = emu::device_alloc<float>(batch * height * width * dim, true);
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t h = shapes[3 * l + 1], w = shapes[3 * l + 2];
+    float* pooled = emu::device_alloc<float>(batch * patchcore::embedding::column_count(l, dim, layers) * h * w);
+    pc::embed_layer_launch(maps[l], batch, shapes[3 * l], h, w, dim, l, layers, pooled, nullptr);
+    pc::embed_resample_add_launch(pooled, batch, h, w, dim, l, layers, out, height, width, nullptr);
+  }
+  std::fwrite(out, sizeof(float), batch * height * width * dim, stdout);
+}
+
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: harness cached|resident|resident-stages|knn SMS SMEM_OPTIN_BYTES < input\n");
+    std::fprintf(stderr, "usage: harness cached|resident|resident-stages|knn|embedding SMS SMEM_OPTIN_BYTES < input\n");
     return 2;
   }
   const std::string kernel = argv[1];
@@ -58,6 +88,10 @@ int main(int argc, char** argv) {
   try {
     if (kernel == "knn") {
       run_knn();
+      return 0;
+    }
+    if (kernel == "embedding") {
+      run_embedding();
       return 0;
     }
     int64_t header[3];

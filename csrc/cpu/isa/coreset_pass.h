@@ -74,7 +74,7 @@ void coreset_pass(const CoresetPass& p, int64_t lo, int64_t hi, TopRows& top) {
           while (open) {
             const int l = __builtin_ctz(open);
             open &= open - 1u;
-            const float d = exact_distance(p.rows + i * dim, p.rows + p.centre_index[c + l] * dim, dim);
+            const float d = exact_distance(p.rows + i * dim, p.centre_rows + (c + l) * dim, dim);
             if (d < p.min_distance[i]) {
               p.min_distance[i] = d;
               p.skip_below[i] = screen::skip_threshold(d, dim);

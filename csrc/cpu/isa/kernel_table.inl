@@ -11,6 +11,7 @@
 #include "../coreset_screen.h"
 #include "../cpu_kernels.h"
 #include "../search_bound.h"
+#include "../../embedding_bins.h"
 
 namespace patchcore::cpu {
 namespace {
@@ -19,8 +20,10 @@ namespace {
 #include "coreset_pass.h"
 #include "knn_block.h"
 #include "knn_pruned.h"
+#include "embedding.h"
 }  // namespace
 
-const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &exact_dot, &coreset_pass, &knn, &project, &knn_pruned};
+const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &exact_dot, &coreset_pass, &knn, &project, &knn_pruned,
+                                           &embed_layer, &resample_add};
 
 }  // namespace patchcore::cpu

@@ -23,6 +23,7 @@ inline Vec vset1(float x) { return {PATCHCORE_MM(set1_ps)(x)}; }
 inline Vec vadd(Vec a, Vec b) { return {PATCHCORE_MM(add_ps)(a.v, b.v)}; }
 inline Vec vsub(Vec a, Vec b) { return {PATCHCORE_MM(sub_ps)(a.v, b.v)}; }
 inline Vec vmul(Vec a, Vec b) { return {PATCHCORE_MM(mul_ps)(a.v, b.v)}; }
+inline Vec vdiv(Vec a, Vec b) { return {PATCHCORE_MM(div_ps)(a.v, b.v)}; }
 inline Vec vmax(Vec a, Vec b) { return {PATCHCORE_MM(max_ps)(a.v, b.v)}; }
 inline Vec vfmadd(Vec a, Vec b, Vec c) { return {PATCHCORE_MM(fmadd_ps)(a.v, b.v, c.v)}; }
 // Bit l set where !(a[l] >= b[l]) (NaN included) / where a[l] < b[l] / where a[l] <= b[l].
@@ -55,6 +56,7 @@ inline Vec vset1(float x) { return {Float4{x, x, x, x}}; }
 inline Vec vadd(Vec a, Vec b) { return {a.v + b.v}; }
 inline Vec vsub(Vec a, Vec b) { return {a.v - b.v}; }
 inline Vec vmul(Vec a, Vec b) { return {a.v * b.v}; }
+inline Vec vdiv(Vec a, Vec b) { return {a.v / b.v}; }
 inline Vec vmax(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
 // No fused multiply-add in the baseline instruction sets: multiply, then add.
 inline Vec vfmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
