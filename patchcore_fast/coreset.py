@@ -52,19 +52,30 @@ def project(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def seeded_start(features: torch.Tensor, projection_dim: int | None = 128, num_starts: int = 10, seed: int = 0,
-                 draw_start: bool = True):
+                 draw_start: bool = True, space: torch.Tensor | None = None):
     """The authors' seeded setup, the one place it is written: one CPU generator seeded with `seed`
     draws the projection (skipped when projection_dim is None or equals the width), then the
-    start rows. Returns (selection space [N, projection_dim], start distances [N] or None)."""
+    start rows. Returns (selection space [N, projection_dim], start distances [N] or None).
+    `space`: the features' selection space already computed (`selection_space`); the projection is
+    then drawn but not applied again."""
     generator = torch.Generator().manual_seed(seed)
-    space = features
     weights = projection_weights(features.shape[1], projection_dim, generator)
-    if weights is not None:
-        space = project(features, weights)
+    if space is None:
+        space = features if weights is None else project(features, weights)
     if not draw_start:
         return space, None
     starts = start_rows(len(space), num_starts, generator).to(space.device)
     return space, mean_start_distances(space, space[starts])
+
+
+def selection_space(features: torch.Tensor, projection_dim: int | None = 128, seed: int = 0) -> torch.Tensor | None:
+    """The space `greedy_coreset(features, projection_dim=..., seed=...)` selects in, when each row's
+    projection depends on that row alone (the CPU kernel's fixed summation order), so that the rows
+    of any subset of the features have the subset's space: a fit's cross-fitted folds reuse it.
+    None where that does not hold (CUDA, no extension)."""
+    if features.device.type != "cpu" or not compiled(features.device):
+        return None
+    return seeded_start(features, projection_dim, seed=seed, draw_start=False)[0]
 
 
 def projection_weights(dim: int, projection_dim: int | None, generator: torch.Generator) -> torch.Tensor | None:
@@ -101,6 +112,7 @@ def greedy_coreset(
     initial_distances: torch.Tensor | None = None,
     cuda_kernel: str = DEFAULT_CUDA_KERNEL,
     progress: Progress = None,
+    space: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy k-center coreset of the rows of `features` [N, D]: int64 indices in selection order.
 
@@ -120,7 +132,8 @@ def greedy_coreset(
     the CUDA kernel (same picks; see CUDA_KERNELS). Values so large that squared distances
     would overflow float32 are refused with a ValueError. `progress(picks_done)`, if given, is
     called from inside the CPU selection a few times a second; Ctrl-C stops the CPU selection
-    within one pass (milliseconds) with KeyboardInterrupt.
+    within one pass (milliseconds) with KeyboardInterrupt. `space`: `selection_space(features,
+    projection_dim, seed)` if already computed (or rows of a larger set's), to skip the projection.
     """
     features = _checks.float_matrix(features, "features")
     num_rows, dim = features.shape
@@ -132,7 +145,14 @@ def greedy_coreset(
     if cuda_kernel not in CUDA_KERNELS:
         raise ValueError(f"cuda_kernel must be one of {CUDA_KERNELS}, got {cuda_kernel!r}")
 
-    space, initial = seeded_start(features, projection_dim, num_starts, seed, draw_start=initial_distances is None)
+    if space is not None:
+        width = dim if projection_dim is None or projection_dim == dim else projection_dim
+        space = _checks.float_matrix(space, "space")
+        if space.shape != (num_rows, width) or space.device != features.device:
+            raise ValueError(f"space must be the features' selection space [{num_rows}, {width}] on {features.device}, "
+                             f"got {tuple(space.shape)} on {space.device}")
+    space, initial = seeded_start(features, projection_dim, num_starts, seed, draw_start=initial_distances is None,
+                                  space=space)
     _checks.distances_fit_float32(space, "features" if space is features else "projected features")
     if initial_distances is not None:
         initial = _checks.float_vector(initial_distances, "initial_distances", num_rows, features.device)

@@ -83,10 +83,11 @@ def f1_threshold(good_scores: torch.Tensor, defective_scores: torch.Tensor) -> t
                        "defective images")
 
 
-def cross_fitted_scores(num_images: int, seed: int, fold_index, score_image, progress=None) -> torch.Tensor | None:
+def cross_fitted_scores(num_images: int, seed: int, fold_index, score_images, progress=None) -> torch.Tensor | None:
     """Image scores of up to FOLDS x IMAGES_PER_FOLD training images, each scored against a bank
     fitted without its fold: `fold_index(kept_images)` fits one (a list of image numbers in, an
-    index out), `score_image(image, index)` scores one image. None with fewer than 2 images."""
+    index out), `score_images(images, index)` scores a fold's images (their scores [n]). None with
+    fewer than 2 images."""
     if num_images < 2:
         return None
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -95,10 +96,10 @@ def cross_fitted_scores(num_images: int, seed: int, fold_index, score_image, pro
     for fold in folds:
         held_out = set(fold)
         index = fold_index([i for i in range(num_images) if i not in held_out])
-        for image in fold[:IMAGES_PER_FOLD]:
-            scores.append(float(score_image(image, index)))
-            if progress is not None:
-                progress(1)
+        scored = fold[:IMAGES_PER_FOLD]
+        scores += [float(v) for v in score_images(scored, index)]
+        if progress is not None:
+            progress(len(scored))
     return torch.tensor(scores, dtype=torch.float64)
 
 

@@ -82,9 +82,9 @@ def shutdown() -> None:
 
 
 def shard(count: int, rank: int | None = None, size: int | None = None, unit: int = 1) -> tuple[int, int]:
-    """This rank's contiguous share [start, stop) of `count` items, in whole runs of `unit` items (the
-    batch size, so that every batch holds the images one process would put in it: a backbone's
-    floats can depend on the batch it runs in)."""
+    """This rank's contiguous share [start, stop) of `count` items, in whole runs of `unit` items
+    (the backbone's micro-batches, whose floats can depend on the batch they run in), as even as
+    those runs allow."""
     if rank is None or size is None:
         rank, size = rank_and_size()
     units = -(-count // unit)

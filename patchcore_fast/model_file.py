@@ -10,8 +10,11 @@ version meant. A key a file lacks is never filled with today's default.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +64,28 @@ class ModelState:
     decision: Decision
     written_by: str | None = None  # the patchcore_fast version that wrote the file
     file_format: int = FORMAT_VERSION  # the format the file was written in (read through migrations)
+    rows: tuple[int, int, int] | None = None  # (start, stop, total) when `index` holds a share of the bank
 
 
-def save(path, config: PatchCoreConfig, grid, index: Index, decision: Decision) -> None:
+@dataclass(frozen=True)
+class StreamedRows:
+    """A float32 matrix [rows, dim] written as it arrives: `chunks` yields its rows in order."""
+
+    rows: int
+    dim: int
+    chunks: Iterator[torch.Tensor]
+
+
+def save(path, config: PatchCoreConfig, grid, index: Index, decision: Decision,
+         bank: StreamedRows | None = None) -> None:
     """Writes the model to `path` atomically: a temporary file in the same folder, flushed to disk,
-    replaces `path` only when complete. The file's mode follows the umask, like any new file."""
-    from safetensors.torch import save_file
-
+    replaces `path` only when complete. The file's mode follows the umask, like any new file.
+    `bank`: the memory bank's rows streamed in (then never whole in memory; the index is flat)."""
     path = Path(path)
     tensors, index_meta = index.state()
-    tensors = {**tensors, "memory_bank": index.all_vectors().float().cpu().contiguous()}
+    tensors = {**tensors, "memory_bank": bank if bank is not None else index.all_vectors()}
     if decision.normal_scores is not None:
-        tensors["normal_scores"] = decision.normal_scores.float().cpu().contiguous()
+        tensors["normal_scores"] = decision.normal_scores
     meta = {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "config": config.to_dict(),
             "grid": list(grid), "index": {"kind": index.kind, **index_meta},
             "decision": {"threshold": decision.threshold, "threshold_source": decision.threshold_source}}
@@ -80,7 +93,7 @@ def save(path, config: PatchCoreConfig, grid, index: Index, decision: Decision) 
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
     try:
         os.close(fd)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"patchcore_fast": json.dumps(meta)})
+        _write_safetensors(tmp, tensors, {"patchcore_fast": json.dumps(meta)})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
@@ -91,6 +104,37 @@ def save(path, config: PatchCoreConfig, grid, index: Index, decision: Decision) 
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_folder(folder)  # the rename itself reaches the disk
+
+
+def _write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> None:
+    """The safetensors layout (little-endian u64 header length, JSON header padded to 8 bytes,
+    then each tensor's bytes in header order), written tensor by tensor so that a StreamedRows
+    matrix is never whole in memory. safetensors reads the file like one of its own."""
+    shapes, sources = {}, {}
+    for name, value in tensors.items():
+        if isinstance(value, StreamedRows):
+            shapes[name], sources[name] = [value.rows, value.dim], value.chunks
+        else:
+            value = value.detach().float().cpu().contiguous()
+            shapes[name], sources[name] = list(value.shape), [value.reshape(-1, *value.shape[1:])]
+    header, offset = {"__metadata__": metadata}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, shape in shapes.items():
+            written = 0
+            for chunk in sources[name]:
+                chunk = chunk.detach().float().cpu().contiguous()
+                f.write(chunk.numpy().tobytes())
+                written += chunk.numel()
+            if written != math.prod(shape):
+                raise ValueError(f"{name}: {written} values written, {math.prod(shape)} declared")
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -106,17 +150,29 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path) -> ModelState:
-    """Reads a model file of any readable format, on the CPU."""
+def load(path, share=None) -> ModelState:
+    """Reads a model file of any readable format, on the CPU. `share(rows)` -> (start, stop): only
+    those rows of the memory bank are read (a rank's share); the index is then a flat index of
+    them and `rows` says where they sit."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file {path}")
+    rows = None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["patchcore_fast"])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if share is None:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            else:
+                bank = f.get_slice("memory_bank")
+                total = bank.get_shape()[0]
+                start, stop = share(total)
+                rows = (start, stop, total)
+                tensors = {"memory_bank": bank[start:stop]}
+                if "normal_scores" in f.keys():
+                    tensors["normal_scores"] = f.get_tensor("normal_scores")
     except Exception as error:
         raise ValueError(f"{path} is not a readable patchcore_fast model ({type(error).__name__}: {error})") from error
     version = meta.get("format_version")
@@ -130,10 +186,10 @@ def load(path) -> ModelState:
             meta = MIGRATIONS[meta["format_version"]](meta)
         config = PatchCoreConfig.from_dict(meta["config"])
         vectors = tensors.pop("memory_bank").float()
-        index = _restore_index(vectors, tensors, meta["index"])
+        index = _restore_index(vectors, tensors, meta["index"]) if rows is None else FlatIndex(vectors)
         normal = tensors.get("normal_scores")
         decision = Decision(normal, meta["decision"]["threshold"], meta["decision"]["threshold_source"])
-        return ModelState(config, tuple(meta["grid"]), index, decision, meta.get("patchcore_fast"), written_as)
+        return ModelState(config, tuple(meta["grid"]), index, decision, meta.get("patchcore_fast"), written_as, rows)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} has inconsistent model contents: {error}") from error
 

@@ -5,18 +5,19 @@ sharding lives here and in index.sharded.
 A worker set answers: which images this process embeds (`share`), the coreset picks over every
 process's rows (`coreset`), the index over the picked rows (`index`), a training image's features
 wherever they were computed (`image_features`), the test features every process scores
-(`feature_batches`), where a whole index read from a file lives (`place`) and who writes files (`save`).
+(`feature_batches`), which rows of a model file this process reads (`load`) and who writes files (`save`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from . import distributed, model_file
-from .coreset import greedy_coreset
+from .coreset import greedy_coreset, selection_space
 from .errors import UserError
 from .index import FlatIndex, Index
 
@@ -27,9 +28,16 @@ class SingleProcess:
     def share(self, data, unit: int):
         return data
 
-    def coreset(self, rows: torch.Tensor, ratio, projection_dim, seed, cuda_kernel, progress) -> torch.Tensor:
+    def scoring_share(self, data, unit: int):
+        return data
+
+    def selection_space(self, rows: torch.Tensor, projection_dim, seed) -> torch.Tensor | None:
+        return selection_space(rows, projection_dim, seed)
+
+    def coreset(self, rows: torch.Tensor, ratio, projection_dim, seed, cuda_kernel, progress,
+                space: torch.Tensor | None = None) -> torch.Tensor:
         return greedy_coreset(rows, ratio, projection_dim=projection_dim, seed=seed, cuda_kernel=cuda_kernel,
-                              progress=progress)
+                              progress=progress, space=space)
 
     def total(self, count: int, what: str) -> int:
         return count
@@ -38,8 +46,9 @@ class SingleProcess:
         """`build(bank_rows, rows, picks)` makes the index of the picked rows."""
         return build(rows[picks.to(rows.device)].contiguous(), rows, picks)
 
-    def image_features(self, per_image: torch.Tensor, image: int) -> torch.Tensor:
-        return per_image[image]
+    def image_features(self, per_image: torch.Tensor, images: list[int]) -> torch.Tensor:
+        """Features [len(images), patches, D] of `images` (image numbers), in that order."""
+        return per_image[images]
 
     def image_rows(self, per_image: torch.Tensor, images: list[int]) -> torch.Tensor:
         """The patch rows of `images` (ascending image numbers) held here, in image order."""
@@ -50,36 +59,55 @@ class SingleProcess:
         for batch in batches:
             yield embed(batch.images), batch
 
-    def place(self, index: Index) -> Index:
-        return index
+    def load(self, path) -> model_file.ModelState:
+        return model_file.load(path)
 
     def save(self, path, config, grid, index: Index, decision) -> None:
         model_file.save(path, config, grid, index, decision)
 
 
 class ProcessGroup:
-    """Rank r embeds a contiguous share of the images (whole batches, see distributed.shard), holds
-    the bank rows picked from them, and scores every test image against the sharded bank."""
+    """Rank r embeds a contiguous share of the training images (whole micro-batches, see
+    distributed.shard) and holds the bank rows picked from them, never the whole bank: not to fit,
+    save (rows stream to rank 0's file), load (only its rows are read) or predict (test batches are
+    dealt out in turn and their features, the queries, travel to every rank a step at a time)."""
 
     @property
     def is_main(self) -> bool:
         return distributed.is_main()
 
     def share(self, data, unit: int):
+        """A contiguous share of the images (for a fit: rank order is row order), in whole runs of `unit`."""
+        items = self._items(data)
+        start, stop = distributed.shard(len(items), unit=unit)
+        return items[start:stop]
+
+    def scoring_share(self, data, unit: int):
+        """Runs of `unit` images (whole batches) dealt out in turn: rank r takes runs r, r + R, ...,
+        so the batches the ranks embed at one step are consecutive in the images' order and can be
+        scored and handed on in that order, a step at a time (`feature_batches`)."""
+        items = self._items(data)
+        rank, size = distributed.rank_and_size()
+        runs = [slice(start, start + unit) for start in range(rank * unit, len(items), size * unit)]
+        if isinstance(items, torch.Tensor):
+            return torch.cat([items[r] for r in runs]) if runs else items[:0]
+        return [item for r in runs for item in items[r]]
+
+    @staticmethod
+    def _items(data):
         if isinstance(data, torch.Tensor):
-            batch = data[None] if data.dim() == 3 else data
-            start, stop = distributed.shard(len(batch), unit=unit)
-            return batch[start:stop]
+            return data[None] if data.dim() == 3 else data
         if not isinstance(data, (str, Path, list, tuple, Image.Image)):
             raise UserError("under torchrun, images come as a folder, a list of images or a tensor batch "
                             "(each rank takes its share of them)")
         from .data import expand_images
 
-        items = expand_images(data)
-        start, stop = distributed.shard(len(items), unit=unit)
-        return items[start:stop]
+        return expand_images(data)
 
-    def coreset(self, rows, ratio, projection_dim, seed, cuda_kernel, progress):
+    def selection_space(self, rows, projection_dim, seed):
+        return None  # each rank projects its own rows inside the distributed coreset
+
+    def coreset(self, rows, ratio, projection_dim, seed, cuda_kernel, progress, space=None):
         return distributed.greedy_coreset(rows.cpu(), ratio, projection_dim=projection_dim, seed=seed,
                                           progress=progress)
 
@@ -87,21 +115,30 @@ class ProcessGroup:
         return sum(distributed.row_counts(count, what))
 
     def index(self, rows, picks, build):
+        """Each rank's picked rows under the index `build` makes of them (searched exactly, so the
+        merged results are the whole bank's)."""
         from .index.sharded import ShardedIndex
 
         counts = distributed.row_counts(len(rows), "counting rows")
         offset = sum(counts[: distributed.rank_and_size()[0]])
         ids = ((picks >= offset) & (picks < offset + len(rows))).nonzero().flatten()
-        local = rows[(picks[ids] - offset).to(rows.device)].contiguous()
-        return ShardedIndex(FlatIndex(local) if len(local) else _empty(rows), ids, len(picks))
+        local_picks = (picks[ids] - offset).to(rows.device)
+        local = rows[local_picks].contiguous()
+        return ShardedIndex(build(local, rows, local_picks) if len(local) else _empty(rows), ids, len(picks))
 
-    def image_features(self, per_image, image):
+    def image_features(self, per_image, images):
         counts = distributed.row_counts(len(per_image), "counting images")
-        owner = next(r for r in range(len(counts)) if sum(counts[:r]) <= image < sum(counts[: r + 1]))
-        first = sum(counts[: distributed.rank_and_size()[0]])
-        mine = owner == distributed.rank_and_size()[0]
-        local = per_image[image - first] if mine else torch.zeros(per_image.shape[1:], device=per_image.device)
-        return distributed.broadcast(local.cpu(), owner, "sharing a training image").to(per_image.device)
+        rank = distributed.rank_and_size()[0]
+        out = torch.zeros(len(images), *per_image.shape[1:])
+        wanted = torch.tensor(images, dtype=torch.int64)
+        first = 0
+        for owner, count in enumerate(counts):  # each owner's images in one broadcast
+            mine = (wanted >= first) & (wanted < first + count)
+            if bool(mine.any()):
+                part = per_image[(wanted[mine] - first).to(per_image.device)].cpu() if owner == rank else out[mine]
+                out[mine] = distributed.broadcast(part, owner, "sharing training images")
+            first += count
+        return out.to(per_image.device)
 
     def image_rows(self, per_image, images):
         counts = distributed.row_counts(len(per_image), "counting images")
@@ -110,46 +147,64 @@ class ProcessGroup:
         return per_image[mine].reshape(-1, per_image.shape[-1])
 
     def feature_batches(self, batches, embed, batch_size, feature_shape):
-        """Every rank embeds its share, then every rank scores every image (the bank is sharded)."""
+        """Step by step, every rank embeds its next batch of its `scoring_share` (or none once it has
+        run out); then each rank's batch, in rank order (the images' order), goes to every rank and
+        is scored there against the sharded bank before the next one comes: queries travel, the
+        bank does not, and a rank holds one batch of queries at a time whatever the rank count."""
         import torch.distributed as dist
 
-        local, sizes, sources = [], [], []
-        for batch in batches:
-            local.append(embed(batch.images).cpu())
-            sizes += batch.sizes
-            sources += batch.sources
-        features = distributed.all_gather_rows(torch.cat(local) if local else torch.empty(0, *feature_shape), "sharing features")
-        everyone = [None] * dist.get_world_size()
-        with distributed.collective("sharing image names"):
-            dist.all_gather_object(everyone, (sizes, [str(s) for s in sources]))
-        sizes = [s for part in everyone for s in part[0]]
-        sources = [s for part in everyone for s in part[1]]
         from .data import Batch
 
-        for start in range(0, len(features), batch_size):
-            stop = start + batch_size
-            yield features[start:stop], Batch(None, sizes[start:stop], sources[start:stop])
+        batches = iter(batches)
+        while True:
+            batch = next(batches, None)
+            local = embed(batch.images).cpu() if batch is not None else torch.empty(0, *feature_shape)
+            names = (batch.sizes, [str(s) for s in batch.sources]) if batch is not None else ([], [])
+            counts = distributed.row_counts(len(local), "sharing features")
+            if sum(counts) == 0:  # every rank has run out
+                return
+            everyone = [None] * dist.get_world_size()
+            with distributed.collective("sharing image names"):
+                dist.all_gather_object(everyone, names)
+            rank = distributed.rank_and_size()[0]
+            for owner, (count, (sizes, sources)) in enumerate(zip(counts, everyone)):
+                if count:
+                    part = local if owner == rank else torch.empty(count, *feature_shape)
+                    yield distributed.broadcast(part, owner, "sharing features"), Batch(None, sizes, sources)
 
-    def place(self, index):
+    def load(self, path) -> model_file.ModelState:
+        """The model with this rank's contiguous share of the bank: only those rows are read."""
         from .index.sharded import ShardedIndex
 
-        return ShardedIndex.from_whole(index.all_vectors())
+        state = model_file.load(path, share=distributed.shard)
+        start, stop, total = state.rows
+        return dataclasses.replace(state, index=ShardedIndex(state.index, torch.arange(start, stop), total))
 
     def save(self, path, config, grid, index, decision):
-        """Rank 0 writes one ordinary model file (the bank gathered whole); the others wait for it.
-        A rank that fails before the write leaves no file."""
-        whole = FlatIndex(index.all_vectors())
+        """Rank 0 writes one ordinary model file while the bank's rows stream to it in order, a
+        chunk at a time (no rank holds the whole bank); the others send their rows and wait. A rank
+        that fails before the end leaves no file."""
+        chunks = index.ordered_chunks(SAVE_CHUNK_ROWS)
         error = None
         if distributed.is_main():
             try:
-                model_file.save(path, config, grid, whole, decision)
+                bank = model_file.StreamedRows(len(index), index.dim, chunks)
+                model_file.save(path, config, grid, index, decision, bank)
+            except distributed.DistributedError:
+                raise
             except Exception as e:  # reported on every rank, not only here
                 error = e
+        for _ in chunks:  # the other ranks' part of each chunk (and rank 0's, after an error)
+            pass
         failed = distributed.all_gather(torch.tensor([error is not None]), "saving the model")
         if error is not None:
             raise error
         if any(bool(f) for f in failed):
             raise distributed.DistributedError(f"rank 0 could not write {path}")
+
+
+#: Bank rows sent to the writing rank at a time when a sharded model is saved.
+SAVE_CHUNK_ROWS = 8192
 
 
 def _empty(like: torch.Tensor) -> Index:

@@ -20,7 +20,7 @@ from patchcore_fast.backbones import load_backbone  # noqa: E402
 
 from images import texture_batch  # noqa: E402
 
-TRAIN, TEST = range(0, 8), range(20, 24)
+TRAIN, TEST = range(0, 8), range(20, 31)  # 11 test images: several scoring steps, ranks run out unevenly
 
 
 def random_rows(seed=0):

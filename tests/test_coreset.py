@@ -159,3 +159,20 @@ def test_resident_stage_profile_keeps_the_picks():
     picks, cycles = patchcore_fast._extension._C.greedy_coreset_stages(x, initial, 300)
     assert torch.equal(picks, greedy_coreset_reference(x, initial, 300))
     assert cycles.shape[1] == 6 and bool((cycles.sum(dim=1) > 0).all())
+
+
+def test_a_subset_selects_the_same_in_the_whole_sets_selection_space():
+    """The cross-fitted threshold's folds reuse the fit's projection (patchcore_fast.coreset.selection_space)."""
+    from patchcore_fast.coreset import selection_space
+
+    x = torch.randn(3001, 77, generator=torch.Generator().manual_seed(5)).abs()
+    subset = torch.randperm(3001, generator=torch.Generator().manual_seed(6))[:1999].sort().values
+    for projection_dim in (16, None, 77):
+        space = selection_space(x, projection_dim, seed=4)
+        expected = patchcore_fast.greedy_coreset(x[subset], 0.1, projection_dim=projection_dim, seed=4)
+        assert torch.equal(patchcore_fast.greedy_coreset(x[subset], 0.1, projection_dim=projection_dim, seed=4, space=space[subset]),
+                           expected)
+    with pytest.raises(ValueError, match="selection space"):
+        patchcore_fast.greedy_coreset(x, 0.1, projection_dim=16, space=torch.zeros(3001, 17))
+    with pytest.raises(ValueError, match="selection space"):
+        patchcore_fast.greedy_coreset(x, 0.1, projection_dim=16, space=torch.zeros(3000, 16))

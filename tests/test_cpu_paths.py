@@ -81,3 +81,31 @@ def test_each_path_against_the_references(monkeypatch, path):
     d, i = patchcore_fast.knn(x[:300], x[300:], 5)
     rd, ri = knn_reference(x[:300], x[300:], 5)
     assert torch.equal(d, rd) and torch.equal(i, ri)
+
+
+def _fixed_order_reference(x, w):
+    """x @ w.T with element k of each dot product in partial sum k % 16, the partial sums added in
+    order and then pairwise (8, 4, 2, 1), every operation a float32 rounding: the order the compiled
+    projection promises on every path."""
+    pad = -x.shape[1] % 16
+    xp = torch.nn.functional.pad(x, (0, pad)).reshape(len(x), -1, 16)
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(len(w), -1, 16)
+    acc = torch.zeros(len(x), len(w), 16)
+    for block in range(xp.shape[1]):
+        acc = acc + xp[:, None, block, :] * wp[None, :, block, :]
+    for width in (8, 4, 2, 1):
+        acc = torch.cat([acc[..., :width] + acc[..., width : 2 * width], acc[..., 2 * width :]], dim=-1)
+    return acc[..., 0]
+
+
+@pytest.mark.parametrize("rows, dim, out_dim", [(1, 1, 1), (13, 77, 7), (50, 16, 128), (9, 130, 5), (64, 1024, 13)])
+def test_the_fixed_order_projection_is_one_order_on_every_path(monkeypatch, rows, dim, out_dim):
+    from patchcore_fast._extension import _C
+
+    g = torch.Generator().manual_seed(rows * dim)
+    x, w = torch.randn(rows, dim, generator=g), torch.randn(out_dim, dim, generator=g)
+    expected = _fixed_order_reference(x, w)
+    for path in patchcore_fast.build_info()["cpu_isa_supported"]:
+        monkeypatch.setenv("PATCHCORE_CPU_ISA", path)
+        assert torch.equal(_C.fixed_order_projection(x, w), expected), path
+        assert torch.equal(_C.fixed_order_projection(x[1:], w), expected[1:]), path  # a row alone

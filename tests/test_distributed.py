@@ -141,7 +141,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_clearly(tmp_path, scenario):
 def test_cli_fit_and_predict_under_torchrun_match_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m patchcore_fast.cli fit/predict` writes the same model file and
     scores.csv as one process (with torchrun's one thread per process, as the backbone's floats
-    depend on the thread count; ranks take whole batches, as they depend on the batch too)."""
+    depend on the thread count; ranks take whole micro-batches, as they depend on the batch too)."""
     from images import texture_batch
 
     from torchvision.utils import save_image
@@ -246,3 +246,26 @@ def test_shard_parts_refuse_bad_input():
         _C.coreset_pick_batch(torch.zeros(3), torch.zeros(3), x[:3].contiguous(), 0.0, 1)
     with pytest.raises(RuntimeError, match="outside the shard"):
         shard.pin(torch.tensor([50]))
+
+
+def test_shares_are_even_to_a_micro_batch_and_the_backbone_sees_the_same_micro_batches():
+    """20 images on 2 ranks were split 16 / 4 when shares were whole batches of 8."""
+    from patchcore_fast import distributed
+    from patchcore_fast.backbones import load_backbone
+
+    model = PatchCore(backbone=load_backbone("efficientnet_lite0"), device="cpu", image_size=64, resize=64,
+                      batch_size=8, progress=False)
+    m = model.micro_batch
+    assert m == 2 and model.with_settings(batch_size=7).micro_batch == 1
+    for count, ranks in ((20, 2), (21, 2), (210, 3), (7, 3), (2, 3)):
+        shares = [distributed.shard(count, r, ranks, unit=m) for r in range(ranks)]
+        assert shares[0][0] == 0 and shares[-1][1] == count
+        assert all(shares[r][1] == shares[r + 1][0] for r in range(ranks - 1))
+        assert all(start % m == 0 for start, _ in shares)  # every rank's batches start on a micro-batch
+        sizes = [stop - start for start, stop in shares]
+        assert max(sizes) - min(sizes) <= m, (count, ranks, sizes)
+    from images import texture_batch
+
+    images = texture_batch(range(9))
+    whole = model._embed_timed(images)  # one batch of 8 and one of 1, run as micro-batches
+    assert torch.equal(whole, torch.cat([model.embed(images[s : s + m]) for s in range(0, 9, m)]))

@@ -75,13 +75,13 @@ def test_failed_save_keeps_the_old_file(lite0, tmp_path, monkeypatch):
     path = tmp_path / "model.pcf"
     model.save(path)
     before = path.read_bytes()
-    import safetensors.torch
+    from patchcore_fast import model_file
 
-    def crash(*args, **kwargs):
-        Path(args[1]).write_bytes(b"half")
+    def crash(path, *args, **kwargs):  # interrupted half-way through the write
+        Path(path).write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(model_file, "_write_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save(path)
     assert path.read_bytes() == before

@@ -20,6 +20,7 @@ from patchcore_fast import PatchCore
 from patchcore_fast.backbones import load_backbone
 from patchcore_fast.cli import main
 from patchcore_fast.config import PatchCoreConfig
+from patchcore_fast.index import FlatIndex
 from patchcore_fast import model_file
 from patchcore_fast.model_file import FORMAT_VERSION
 from patchcore_fast.reference import greedy_coreset_reference, knn_reference
@@ -190,6 +191,34 @@ def test_format_version_1_files_still_load(lite0, tmp_path):
     assert loaded.config == model.config
     assert torch.equal(loaded.predict(texture_batch(range(10, 13))).scores, pred.scores)
     assert FORMAT_VERSION == 3 and model_file.load(path).grid == (8, 8)
+
+
+def test_a_bank_streamed_into_the_file_reads_like_a_whole_one_and_a_share_reads_only_its_rows(lite0, tmp_path):
+    """Under torchrun rank 0 writes the bank as its rows stream in (model_file.StreamedRows) and each
+    rank reads only its share: both must be the ordinary file and its rows."""
+    from safetensors import safe_open
+
+    model = small_model(lite0).fit(texture_batch(range(4)))
+    c, grid, index, decided = model.config, model.bank.grid, model.bank.index, model.bank.decision
+    bank = index.all_vectors()
+    whole, streamed = tmp_path / "whole.pcf", tmp_path / "streamed.pcf"
+    model_file.save(whole, c, grid, index, decided)
+    chunks = (bank[s : s + 7] for s in range(0, len(bank), 7))  # awkward chunk size
+    flat = FlatIndex(bank[:1])  # only its kind and state are written
+    model_file.save(streamed, c, grid, flat, decided, model_file.StreamedRows(len(bank), bank.shape[1], chunks))
+    with safe_open(str(streamed), framework="pt") as f:  # safetensors' own reader
+        assert torch.equal(f.get_tensor("memory_bank"), bank)
+        assert torch.equal(f.get_tensor("normal_scores"), decided.normal_scores.float())
+    a, b = model_file.load(whole), model_file.load(streamed)
+    assert torch.equal(a.index.vectors, b.index.vectors) and a.decision.threshold == b.decision.threshold
+    part = model_file.load(streamed, share=lambda rows: (rows // 3, rows // 2))
+    assert part.rows == (len(bank) // 3, len(bank) // 2, len(bank))
+    assert torch.equal(part.index.vectors, bank[len(bank) // 3 : len(bank) // 2])
+    short = (bank[s : s + 7] for s in range(0, len(bank) - 1, 7))
+    with pytest.raises(ValueError, match="declared"):
+        model_file.save(tmp_path / "short.pcf", c, grid, flat, decided,
+                        model_file.StreamedRows(len(bank) + 3, bank.shape[1], short))
+    assert not list(tmp_path.glob("short.pcf*"))  # nothing left behind
 
 
 # --- the command line -----------------------------------------------------------------------------

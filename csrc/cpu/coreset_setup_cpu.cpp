@@ -1,7 +1,7 @@
 // The pieces of a greedy coreset that must give the same floats for a row wherever it is
 // computed (one process, or a shard on any rank; patchcore_fast/distributed.py): the random
 // projection and the start distances. Each value is a sum in one fixed
-// order (the kernels' exact_dot / exact_distance), so it depends on the row alone, not on how
+// order (the kernels' project_fixed_order / exact_distance), so it depends on the row alone, not on how
 // many rows share the call, the thread count, or the instruction set.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,10 +22,7 @@ at::Tensor fixed_order_projection_cpu(const at::Tensor& features_in, const at::T
   const float* x = features.data_ptr<float>();
   const float* w = weights.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i)
-      for (int64_t j = 0; j < out_dim; ++j) y[i * out_dim + j] = kernels.exact_dot(x + i * dim, w + j * dim, dim);
-  });
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) { kernels.project_fixed_order(x, dim, lo, hi, w, out_dim, y); });
   return out;
 }
 

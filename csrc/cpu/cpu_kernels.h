@@ -108,7 +108,10 @@ struct Kernels {
   // path returns the same float bit for bit.
   float (*exact_distance)(const float* a, const float* b, int64_t dim);
   // a.b summed in the same fixed order: the same float on every path.
-  float (*exact_dot)(const float* a, const float* b, int64_t dim);
+  // out[i * out_dim + j] = x_i . w_j summed as exact_distance sums (one fixed order, no fused
+  // multiply-add), for rows i in [lo, hi) of x [*, dim] and the rows of w [out_dim, dim]
+  void (*project_fixed_order)(const float* x, int64_t dim, int64_t lo, int64_t hi, const float* w, int64_t out_dim,
+                              float* out);
   void (*coreset_pass)(const CoresetPass& pass, int64_t lo, int64_t hi, TopRows& top);
   void (*knn)(const KnnBlock& block, int64_t q_lo, int64_t q_hi);
   // out[i * out_stride + j] = rows_i . panel row j for rows i in [lo, hi), j < panels * panel_width

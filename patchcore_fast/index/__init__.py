@@ -16,6 +16,7 @@ def build_index(bank: torch.Tensor, device: torch.device, pruned: bool = True, c
     """The index a fitted bank gets: pruned on the CPU when asked (`probes()`: queries like the ones
     to come, on which it measures whether pruning pays; or the choices of `like`, a pruned index of
     a bank from the same data), flat elsewhere; on `device`."""
+    like = getattr(like, "local", like)  # a sharded bank's choices are its own rows' index's
     if pruned and device.type == "cpu":
         if isinstance(like, PrunedIndex):
             return PrunedIndex.build(bank.cpu(), like=like)
@@ -26,6 +27,8 @@ def build_index(bank: torch.Tensor, device: torch.device, pruned: bool = True, c
 
 def for_run(index: Index, pruned: bool = True, cuda_kernel: str = "warp16x128") -> Index:
     """An index read from a file, with this run's choices: pruned only if asked, the CUDA variant."""
+    if hasattr(index, "with_local"):  # a rank's share of a sharded bank
+        return index.with_local(for_run(index.local, pruned, cuda_kernel))
     if pruned and isinstance(index, PrunedIndex):
         return index
     return FlatIndex(index.vectors, cuda_kernel)

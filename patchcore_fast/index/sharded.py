@@ -66,6 +66,23 @@ class ShardedIndex(Index):
             out[where] = distributed.broadcast(part, source, "looking up bank rows")
         return out.reshape(*indices.shape, -1).to(self.vectors.device)
 
+    def ordered_chunks(self, rows_per_chunk: int):
+        """The whole bank's rows in global order, `rows_per_chunk` at a time (a collective per chunk;
+        every rank iterates, and only a chunk is ever held): for writing a file without any rank
+        holding the whole bank."""
+        for start in range(0, self.total, rows_per_chunk):
+            stop = min(start + rows_per_chunk, self.total)
+            mine = (self.ids >= start) & (self.ids < stop)
+            rows = distributed.all_gather_rows(self.vectors[mine.to(self.vectors.device)].cpu(), "writing the bank")
+            ids = distributed.all_gather_rows(self.ids[mine], "writing the bank")
+            chunk = torch.empty(stop - start, self.dim)
+            chunk[ids - start] = rows
+            yield chunk
+
+    def with_local(self, local: Index) -> "ShardedIndex":
+        """The same rows under another index of them (e.g. this run's choice of kernel)."""
+        return ShardedIndex(local, self.ids, self.total)
+
     def all_vectors(self) -> torch.Tensor:
         """The whole bank on every rank, rows in global order."""
         rows = distributed.all_gather_rows(self.vectors.cpu(), "gathering the bank")

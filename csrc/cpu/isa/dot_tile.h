@@ -94,7 +94,71 @@ inline float exact_distance(const float* a, const float* b, int64_t dim) {
   return __builtin_sqrtf(sum);  // the instruction itself: no shared std::sqrt body (cpu_kernels.h)
 }
 
-// sum a_j b_j in that order.
-inline float exact_dot(const float* a, const float* b, int64_t dim) {
-  return fixed_order_sum(a, b, dim, [](Vec x, Vec y) { return vmul(x, y); });
+// out[i * out_dim + j] = sum_k x_ik w_jk in fixed_order_sum's order (element k in partial sum
+// k % 16, the same pairwise tree), for rows [lo, hi) and every weight row, computed kProjRows rows
+// x kProjCols weights at a time: each element keeps its own kExactLanes partial sums, so a row's projection does
+// not depend on its neighbours; the tile only shares the loads (one per row and one per weight per
+// block of kExactLanes instead of two per element).
+#if defined(PATCHCORE_ISA_AVX512)
+constexpr int kProjRows = 4, kProjCols = 6;  // 24 accumulators of 32 registers
+#elif defined(PATCHCORE_ISA_AVX2)
+constexpr int kProjRows = 2, kProjCols = 3;  // 12 accumulators (2 vectors each) of 16 registers
+#else
+constexpr int kProjRows = 1, kProjCols = 2;
+#endif
+
+inline void project_fixed_order(const float* x, int64_t dim, int64_t lo, int64_t hi, const float* w, int64_t out_dim,
+                                float* out) {
+  const int64_t full = dim / kExactLanes * kExactLanes;
+  // the zero-padded tails of this tile's rows and weights (padded lanes add exactly zero)
+  alignas(64) float row_tail[kProjRows][kExactLanes];
+  alignas(64) float weight_tail[kProjCols][kExactLanes];
+  for (int64_t i0 = lo; i0 < hi; i0 += kProjRows) {
+    const int rows = hi - i0 < kProjRows ? static_cast<int>(hi - i0) : kProjRows;
+    const float* a[kProjRows];
+    for (int r = 0; r < kProjRows; ++r) {
+      a[r] = x + (i0 + (r < rows ? r : 0)) * dim;  // missing rows repeat the first: computed, not stored
+      std::memset(row_tail[r], 0, sizeof(row_tail[r]));
+      std::memcpy(row_tail[r], a[r] + full, sizeof(float) * (dim - full));
+    }
+    for (int64_t j0 = 0; j0 < out_dim; j0 += kProjCols) {
+      const int cols = out_dim - j0 < kProjCols ? static_cast<int>(out_dim - j0) : kProjCols;
+      const float* b[kProjCols];
+      for (int c = 0; c < kProjCols; ++c) {
+        b[c] = w + (j0 + (c < cols ? c : 0)) * dim;
+        std::memset(weight_tail[c], 0, sizeof(weight_tail[c]));
+        std::memcpy(weight_tail[c], b[c] + full, sizeof(float) * (dim - full));
+      }
+      Vec acc[kProjRows][kProjCols][kExactVecs];
+      for (int r = 0; r < kProjRows; ++r)
+        for (int c = 0; c < kProjCols; ++c)
+          for (int v = 0; v < kExactVecs; ++v) acc[r][c][v] = vzero();
+      const auto block = [&](const float* const* ra, int64_t ja, const float* const* cb, int64_t jb) {
+        for (int v = 0; v < kExactVecs; ++v) {
+          Vec wv[kProjCols];
+          for (int c = 0; c < kProjCols; ++c) wv[c] = vload(cb[c] + jb + v * kLanes);
+          for (int r = 0; r < kProjRows; ++r) {
+            const Vec xv = vload(ra[r] + ja + v * kLanes);
+            for (int c = 0; c < kProjCols; ++c) acc[r][c][v] = vadd(acc[r][c][v], vmul(xv, wv[c]));
+          }
+        }
+      };
+      for (int64_t j = 0; j < full; j += kExactLanes) block(a, j, b, j);
+      if (full < dim) {
+        const float* ta[kProjRows];
+        const float* tb[kProjCols];
+        for (int r = 0; r < kProjRows; ++r) ta[r] = row_tail[r];
+        for (int c = 0; c < kProjCols; ++c) tb[c] = weight_tail[c];
+        block(ta, 0, tb, 0);
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+          float lanes[kExactLanes];
+          for (int v = 0; v < kExactVecs; ++v) vstore(lanes + v * kLanes, acc[r][c][v]);
+          for (int width = kExactLanes / 2; width >= 1; width /= 2)
+            for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+          out[(i0 + r) * out_dim + j0 + c] = lanes[0];
+        }
+    }
+  }
 }

@@ -23,7 +23,7 @@ namespace {
 #include "embedding.h"
 }  // namespace
 
-const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &exact_dot, &coreset_pass, &knn, &project, &knn_pruned,
+const Kernels PATCHCORE_KERNEL_TABLE = {PATCHCORE_KERNEL_NAME, kPanel, &exact_distance, &project_fixed_order, &coreset_pass, &knn, &project, &knn_pruned,
                                            &embed_layer, &resample_add};
 
 }  // namespace patchcore::cpu
