@@ -74,7 +74,7 @@ def cmd_fit(args) -> None:
     model.check_fit_size(len(images), "--ratio")
     log.info(f"fitting {_count(len(images), 'image file')} ({model.transform.describe()})"
           + (f"; {ignored} other file(s) left alone" if ignored else ""))
-    model.fit(images)
+    model.fit(images, cross_fitted_threshold=calibration is None)  # a calibration replaces it
     skipped = len(images) - model.fitted_images
     log.info(f"fitted on {_count(model.fitted_images, 'image')}" + (f" ({skipped} skipped)" if skipped else "")
           + f": memory bank {len(model.bank):,} x {model.config.embed_dim}; {_stages(model.timings)}")

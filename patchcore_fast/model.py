@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import decision, workers
+from . import _checks, decision, workers
 from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
 from .data import ImageData, count_images, iter_image_batches, prefetched
@@ -147,14 +147,17 @@ class PatchCore:
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
-    def fit(self, data: ImageData) -> "PatchCore":
+    def fit(self, data: ImageData, cross_fitted_threshold: bool = True) -> "PatchCore":
         """Build the memory bank from defect-free images (folder, paths, PIL images, tensor, DataLoader).
-        Inside a process group (torchrun) each rank embeds its share and the bank is sharded."""
+        Inside a process group (torchrun) each rank embeds its share and the bank is sharded.
+        `cross_fitted_threshold=False` skips the default threshold (three more coresets, about a
+        third of a fit): for a model that `calibrate` will give one."""
+        _checks.boolean(cross_fitted_threshold, "cross_fitted_threshold")
         self.check_fit_size(count_images(data))
         share = self.workers.share(data, self.micro_batch)
         empty = isinstance(share, (list, torch.Tensor)) and len(share) == 0  # a rank with no images
         features = torch.empty(0, self.grid[0] * self.grid[1], self.config.embed_dim) if empty else self.extract(share)
-        return self.fit_features(features)
+        return self.fit_features(features, cross_fitted_threshold)
 
     def check_fit_size(self, images: int | None, name: str = "coreset_ratio") -> None:
         """Before any work: a fit on `images` images (None: not known yet) selects at least one patch."""
@@ -164,8 +167,9 @@ class PatchCore:
                              f"{rows // images}) selects none: {name} must be at least {1 / rows:.2g}")
 
     @torch.no_grad()
-    def fit_features(self, features: torch.Tensor) -> "PatchCore":
-        """Build the memory bank from patch features [images, patches, dim] (or [rows, dim]) from `extract`."""
+    def fit_features(self, features: torch.Tensor, cross_fitted_threshold: bool = True) -> "PatchCore":
+        """Build the memory bank from patch features [images, patches, dim] (or [rows, dim]) from `extract`
+        (`cross_fitted_threshold` as in `fit`)."""
         c, grid = self.config, self.grid
         rows = check_patch_features(features, c.embed_dim, grid)
         size = int(self.workers.total(len(rows), "counting rows") * c.coreset_ratio)
@@ -179,7 +183,7 @@ class PatchCore:
             index = self.workers.index(rows, picks, self._build_index).to(self.device)
         scoring = self.scoring_module(index)
         decided = decision.Decision()
-        if features.dim() == 3:  # the threshold: cross-fitted on the training images
+        if features.dim() == 3 and cross_fitted_threshold:  # the threshold: cross-fitted on the training images
             images = self.workers.total(len(features), "counting images")
             with self.timings("threshold"), self._step("threshold (cross-fitted)") as bar:
                 normal = decision.cross_fitted_scores(

@@ -18,6 +18,10 @@ from .backbones import FeatureExtractor
 from .index import Index
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 class PatchFeatures(nn.Module):
     """backbone -> locally aware patch features [B, patches, embed_dim] (float32) and the grid."""
 
@@ -46,8 +50,10 @@ class PatchFeatures(nn.Module):
         images = images.to(self.device, non_blocking=True)
         if self.half_precision:
             images = images.to(torch.bfloat16)
-            if self.device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+        if (self.half_precision and self.device.type == "cuda") or (self.device.type == "cpu" and not _tracing()):
+            # channels_last: oneDNN's NHWC convolutions on the CPU (measured 2 threads, 16 images at
+            # 224 px: Lite0 0.46 -> 0.33 s, resnet18 0.32 -> 0.25 s; float32 rounding differences only)
+            images = images.contiguous(memory_format=torch.channels_last)
         features, grid = patch_embedding(self.extractor(images), self.embed_dim)
         return features.reshape(images.shape[0], grid[0] * grid[1], -1), grid  # shape[0]: len() would fix an exported batch
 

@@ -54,6 +54,13 @@ def test_default_fit_has_a_cross_fitted_threshold_equal_to_refitting(lite0):
     # calibration replaces it, and says so
     model.calibrate(images[:4], quantile=0.5)
     assert not model.bank.decision.threshold_source.startswith("cross-fitted")
+    # a model that calibrate will give a threshold can skip it: the same bank, no threshold until then
+    bare = model.with_settings().fit_features(features, cross_fitted_threshold=False)
+    assert torch.equal(bare.bank.index.vectors, model.bank.index.vectors)
+    assert bare.bank.decision.threshold is None and bare.bank.decision.normal_scores is None
+    assert "threshold" not in bare.timings
+    with pytest.raises(TypeError, match="cross_fitted_threshold"):
+        model.with_settings().fit(images, cross_fitted_threshold="no")
 
 
 def test_info_prints_settings_bank_and_threshold(lite0, tmp_path, capsys):
