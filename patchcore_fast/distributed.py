@@ -184,11 +184,12 @@ class RoundStats:
 @torch.no_grad()
 def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: int | None = None,
                    projection_dim: int | None = 128, num_starts: int = 10, seed: int = 0,
-                   progress=None, rounds: "RoundStats | None" = None) -> torch.Tensor:
+                   progress=None, rounds: "RoundStats | None" = None, space: torch.Tensor | None = None) -> torch.Tensor:
     """Global row indices, in selection order, of the greedy coreset of the rows spread over the
     ranks (this rank's share `local_rows` [n_r, D], rank order = row order): on every rank, exactly
     what `patchcore_fast.greedy_coreset(all rows, ...)` returns on the CPU. Runs on the CPU (gloo).
-    `rounds`, if given, is filled with the rounds' count, bytes and times (RoundStats)."""
+    `rounds`, if given, is filled with the rounds' count, bytes and times (RoundStats). `space`: this
+    rank's rows already projected (`coreset.selection_space`), to skip the projection."""
     if not active():
         raise DistributedError("distributed.greedy_coreset needs a process group of several ranks "
                                "(launch with torchrun); in one process use patchcore_fast.greedy_coreset")
@@ -206,7 +207,13 @@ def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: i
 
     generator = torch.Generator().manual_seed(seed)  # the single-process draw order: projection, then starts
     weights = projection_weights(local.shape[1], projection_dim, generator)
-    space = project(local, weights) if weights is not None else local
+    if space is not None:
+        space = _checks.float_matrix(space, "space").cpu() if len(space) else space.float().cpu()
+        if space.shape != (len(local), local.shape[1] if weights is None else weights.shape[0]):
+            raise ValueError(f"space must be this rank's selection space, got {tuple(space.shape)} for "
+                             f"{tuple(local.shape)} rows")
+    else:
+        space = project(local, weights) if weights is not None else local
     largest = all_gather(torch.tensor([float(space.abs().max()) if len(space) else 0.0], dtype=torch.float64),
                          "checking value ranges")
     _checks.distances_fit_float32(torch.full((1, space.shape[1]), max(float(v) for v in largest)),

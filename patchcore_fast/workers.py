@@ -105,11 +105,12 @@ class ProcessGroup:
         return expand_images(data)
 
     def selection_space(self, rows, projection_dim, seed):
-        return None  # each rank projects its own rows inside the distributed coreset
+        """This rank's rows projected (the fixed-order CPU projection: a row's floats are its own)."""
+        return selection_space(rows.cpu(), projection_dim, seed) if len(rows) else None
 
     def coreset(self, rows, ratio, projection_dim, seed, cuda_kernel, progress, space=None):
         return distributed.greedy_coreset(rows.cpu(), ratio, projection_dim=projection_dim, seed=seed,
-                                          progress=progress)
+                                          progress=progress, space=space)
 
     def total(self, count: int, what: str) -> int:
         return sum(distributed.row_counts(count, what))
