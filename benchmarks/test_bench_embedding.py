@@ -71,3 +71,28 @@ def test_stage(benchmark, batches, backbone, stage):
         for m, ours in zip(maps, out):
             twin, _ = patch_embedding_torch(m, 1024)
             assert (ours - twin).abs().max().item() <= embedding_error_bound(m, 1024)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_embedding_cuda(benchmark, backbone, impl):
+    """The embedding on a GPU: the CUDA kernel against the pure-torch twin on the same device, the
+    feature maps already there (the backbone's output); synchronised, after a warm-up round."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    name, _, maps = backbone
+    maps = [[m.cuda() for m in batch] for batch in maps]
+    benchmark.group = f"features-{name}-{IMAGES}-images-embedding-cuda"
+    benchmark.extra_info.update(images=IMAGES, batch=BATCH, baseline=impl == "torch",
+                                device=torch.cuda.get_device_name())
+    embed = patch_embedding_torch if impl == "torch" else patch_embedding
+
+    def run():
+        out = [embed(m, 1024)[0] for m in maps]
+        torch.cuda.synchronize()
+        return out
+
+    out = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    if impl == "fused":
+        for m, ours in zip(maps, out):
+            twin, _ = patch_embedding_torch([x.cpu() for x in m], 1024)
+            assert (ours.cpu() - twin).abs().max().item() <= embedding_error_bound(m, 1024)

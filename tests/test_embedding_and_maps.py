@@ -159,3 +159,25 @@ def test_patch_embedding_refuses_no_maps():
 
 def test_fused_embedding_of_no_images():
     assert fused([torch.zeros(0, 4, 3, 3), torch.zeros(0, 4, 2, 2)], 16).shape == (0, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA embedding kernel")
+@pytest.mark.parametrize("shapes,dim", AWKWARD + [(BACKBONE_LAYERS[b], 1024) for b in sorted(BACKBONE_LAYERS)])
+def test_cuda_embedding_within_its_bound_of_the_twin(shapes, dim):
+    """The CUDA kernel (csrc/cuda/embedding_cuda.cu) on the GPU: the CPU twin's features within the
+    stated bound, on awkward shapes and every backbone's layer shapes."""
+    from patchcore_fast.embedding import embedding_error_bound, patch_embedding_torch
+    g = torch.Generator().manual_seed(dim + len(shapes))
+    maps = [torch.randn(*(s if len(s) == 4 else (2, *s)), generator=g) * 3 for s in shapes]
+    ours = fused([m.cuda() for m in maps], dim)
+    assert ours.is_cuda
+    twin, _ = patch_embedding_torch(maps, dim)
+    assert ours.shape == twin.shape
+    assert (ours.cpu() - twin).abs().max().item() <= embedding_error_bound(maps, dim)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA embedding kernel")
+def test_cuda_embedding_refuses_maps_on_two_devices():
+    maps = [torch.randn(1, 8, 4, 4).cuda(), torch.randn(1, 8, 2, 2)]
+    with pytest.raises(ValueError):
+        fused(maps, 16)
