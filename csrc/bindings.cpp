@@ -249,7 +249,13 @@ py::dict build_info() {
   kernels["greedy_coreset"] = path;
   kernels["knn"] = path;
   kernels["patch_embedding"] = path;
+  // The pruned search's 8-bit first screen (isa/code_tile.h): 4 products per instruction and lane
+  // with AVX512_VNNI (against one multiply-add in float32), 2 with two instructions elsewhere on x86,
+  // none in the portable path.
+  const bool vnni = path == "avx512" && patchcore::cpu::has_avx512_vnni();
+  kernels["knn_pruned_codes"] = vnni ? path + "+vnni" : path;
   info["cpu_kernels"] = kernels;
+  info["coded_screen_speedup"] = vnni ? 4.0 : path == "generic" ? 1.0 : 2.0;
   info["cpu_isa_supported"] = patchcore::cpu::supported_isas();
   info["cpu_isa_compiled"] = patchcore::cpu::compiled_isas();
   info["torch_built_against"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

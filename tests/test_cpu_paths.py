@@ -17,9 +17,16 @@ def test_build_info_names_the_path_of_each_kernel(monkeypatch):
     assert info["cpu_isa"] == info["cpu_isa_supported"][-1]  # the best this CPU runs, by default
     assert info["cpu_isa_supported"][0] == "generic"
     assert set(info["cpu_isa_supported"]) <= set(info["cpu_isa_compiled"])
-    assert info["cpu_kernels"] == {"greedy_coreset": info["cpu_isa"], "knn": info["cpu_isa"], "patch_embedding": info["cpu_isa"]}
+    isa = info["cpu_isa"]
+    codes = info["cpu_kernels"].pop("knn_pruned_codes")
+    assert info["cpu_kernels"] == {"greedy_coreset": isa, "knn": isa, "patch_embedding": isa}
+    assert codes in (isa, isa + "+vnni") and info["coded_screen_speedup"] == (
+        4.0 if codes.endswith("vnni") else 1.0 if isa == "generic" else 2.0)
+    monkeypatch.setenv("PATCHCORE_CPU_VNNI", "0")
+    assert patchcore_fast.build_info()["cpu_kernels"]["knn_pruned_codes"] == isa
     monkeypatch.setenv("PATCHCORE_CPU_ISA", "generic")
-    assert patchcore_fast.build_info()["cpu_kernels"]["knn"] == "generic"
+    info = patchcore_fast.build_info()
+    assert info["cpu_kernels"]["knn"] == "generic" and info["coded_screen_speedup"] == 1.0
 
 
 def test_unknown_path_is_a_clear_error(monkeypatch):

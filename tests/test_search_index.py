@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import patchcore_fast
 from patchcore_fast import knn
 from patchcore_fast._extension import _C, compiled
 from patchcore_fast.index import PrunedIndex
@@ -213,7 +214,7 @@ def test_cascade_screens_again_only_what_its_first_stage_keeps():
     assert computed / pairs < 0.5 * (extended / pairs)
     assert computed / pairs <= single.measure(q, k=3) * 1.5 + 0.01
     assert cascade.measure(q, k=3) == computed / pairs
-    assert cascade.probe_cost < single.probe_cost  # the cascade's screen is cheaper here
+    assert cascade.probe_cost < first_only.probe_cost  # screening further is cheaper than computing what rank 4 leaves
 
 
 @needs_kernels
@@ -292,3 +293,49 @@ def test_model_builds_saves_and_uses_the_index_with_knn_results(lite0, tmp_path)
     assert torch.equal(index.bank_screen, original.bank_screen) and torch.equal(index.basis, original.basis)
     c = loaded.score(test)
     assert torch.equal(c.scores, a.scores) and torch.equal(c.maps, a.maps)
+
+
+# --- the first screen in 8-bit codes (csrc/cpu/isa/code_tile.h, search_bound.h step 5) ---------
+@needs_kernels
+def test_coded_screen_is_the_same_with_and_without_vnni(monkeypatch):
+    """AVX512_VNNI and the two-instruction form compute the same integers, so the same screen
+    values: the same rows computed, not only the same answers."""
+    if "avx512" not in patchcore_fast.build_info()["cpu_isa_supported"]:
+        pytest.skip("this CPU has no AVX-512 path")
+    monkeypatch.setenv("PATCHCORE_CPU_ISA", "avx512")
+    g = torch.Generator().manual_seed(21)
+    bank, q = low_rank_rows(3000, 200, 24, g), low_rank_rows(700, 200, 24, g)
+    for first_rank in (None, 7):  # a single screen; a cascade whose codes need padding (7 -> 8)
+        index = PrunedIndex.build(bank, rank=24, first_rank=first_rank)
+        args = (q, bank, 3, index.basis, index.bank_screen, index.basis_rounding, index.bank_extension)
+        with_vnni = _C.knn_pruned(*args)
+        monkeypatch.setenv("PATCHCORE_CPU_VNNI", "0")
+        without = _C.knn_pruned(*args)
+        monkeypatch.delenv("PATCHCORE_CPU_VNNI")
+        assert torch.equal(with_vnni[0], without[0]) and torch.equal(with_vnni[1], without[1])
+        assert with_vnni[2:] == without[2:]
+        kd, ki = knn(q, bank, 3)
+        assert torch.equal(with_vnni[1], ki) and torch.equal(with_vnni[0], kd)
+
+
+@needs_kernels
+def test_coded_screen_keeps_what_its_code_errors_could_hide(cpu_path):
+    """Rows whose projections are large in one coordinate and small elsewhere: their 8-bit codes
+    lose the small coordinates entirely (the code error is most of their small part), so a screen
+    that ignored its code errors would rule out nearest rows; ours returns knn's answers."""
+    g = torch.Generator().manual_seed(22)
+    dim = 48
+    base = torch.zeros(600, dim)
+    base[:, 0] = 1000.0  # one dominant coordinate sets every row's scale
+    base[:, 1:16] = torch.randn(600, 15, generator=g) * 3.0  # below one code step (1000 / 127)
+    bank = base + torch.randn(600, dim, generator=g) * 0.01
+    q = base[torch.randint(0, 600, (300,), generator=g)] + torch.randn(300, dim, generator=g) * 0.5
+    assert_same_as_knn(q, bank, 2, rank=16)
+
+
+@needs_kernels
+def test_first_screen_over_2048_directions_is_refused():
+    bank = torch.randn(50, 2100)
+    index = PrunedIndex.build(bank, rank=2049)
+    with pytest.raises(ValueError, match="first screen has 2049 directions; at most 2048"):
+        index.search(bank[:3], 1, prune=True)

@@ -71,6 +71,17 @@ std::vector<std::string> compiled_isas() {
   return names;
 }
 
+bool has_avx512_vnni() {
+  const char* allowed = std::getenv("PATCHCORE_CPU_VNNI");
+  if (allowed != nullptr && std::string(allowed) == "0") return false;
+#if defined(PATCHCORE_X86_KERNELS)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
   for (const Path& path : kPaths)

@@ -16,4 +16,8 @@ const Kernels& kernels();
 std::vector<std::string> compiled_isas();
 std::vector<std::string> supported_isas();
 
+// Whether the AVX-512 kernels may use AVX512_VNNI (the pruned search's 8-bit screen): the CPU has
+// it and PATCHCORE_CPU_VNNI is not "0" (which tests the path without it; the integers are the same).
+bool has_avx512_vnni();
+
 }  // namespace patchcore::cpu

@@ -68,6 +68,14 @@ struct PrunedKnn {
   const float* bank_screen;     // [M, screen_dim]: Y_b, R_b, H_b
   const float* query_extension; // [Q, extension_dim]: Y_q of the further directions, R_q', R_q (or null)
   const float* bank_extension;  // [M, extension_dim]: Y_b of the further directions, R_b', -R_b (or null)
+  // The first screen in 8-bit codes (isa/code_tile.h, search_bound.h step 5), code_dim a multiple of 4:
+  const int8_t* query_codes;     // [Q, code_dim] z in [-63, 63]
+  const float* query_code_terms; // [Q, 4] s_q, e_q (up), |s_q z| (up), R_q
+  const int32_t* query_code_offset; // [Q] 128 sum_j z_j
+  const uint8_t* bank_codes;     // [M, code_dim] a + 128, a in [-127, 127]
+  const float* bank_code_terms;  // [M, 5] s_b, |Y_b| (up), e_b (up), R_b, H_b
+  int64_t code_dim;
+  bool vnni;                     // the CPU has AVX512_VNNI (used by the AVX-512 kernels)
   int64_t dim, screen_dim, extension_dim, num_queries, num_bank, k;
   int64_t chunk_rows;           // bank rows screened at once (bounds the scratch memory)
   float* out_distance;          // [Q, k]

@@ -60,6 +60,36 @@ void neighbourhood_order(const float* y, int64_t stride, int64_t dims, int64_t* 
   neighbourhood_order(y, stride, dims, idx, lo + half, hi, leaf, depth + 1, defer_depth, deferred);
 }
 
+// The 8-bit code of one first-screen projection y[0, n) (search_bound.h step 5): z_j =
+// round(y_j / s) in [-limit, limit] with s = max|y_j| / limit, written to codes[0, code_dim)
+// (plus `offset`: 128 for the bank's unsigned codes, 0 for queries; the padding codes zero).
+// Returns s and, rounded up, the code error |y - s z| and the norms |y| and |s z|.
+struct Coded {
+  float scale, error, norm, coded_norm;
+  int32_t sum;  // sum_j z_j
+};
+template <class Code>
+Coded encode(const float* y, int64_t n, int64_t code_dim, int limit, int offset, Code* codes) {
+  float largest = 0.f;
+  for (int64_t j = 0; j < n; ++j) largest = std::max(largest, std::fabs(y[j]));
+  const float scale = largest > 0.f ? largest / static_cast<float>(limit) : 0.f;
+  double error_sq = 0, norm_sq = 0, coded_sq = 0;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < code_dim; ++j) {
+    long z = 0;
+    if (j < n && scale > 0.f) z = std::clamp(std::lround(static_cast<double>(y[j]) / scale), -long{limit}, long{limit});
+    codes[j] = static_cast<Code>(z + offset);
+    sum += static_cast<int32_t>(z);
+    if (j >= n) continue;
+    const double coded = static_cast<double>(scale) * static_cast<double>(z);  // exact: 24 x 8 bits
+    error_sq += (y[j] - coded) * (y[j] - coded);
+    norm_sq += static_cast<double>(y[j]) * y[j];
+    coded_sq += coded * coded;
+  }
+  const auto up = [](double sq) { return cpu::search_bound::round_up(std::sqrt(sq) * (1 + 1e-12)); };
+  return {scale, up(error_sq), up(norm_sq), up(coded_sq), sum};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
@@ -77,6 +107,11 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
   const int64_t rank = basis.size(0), screen_dim = bank_screen.size(1), first = screen_dim - 2;
   const int64_t extension_dim = cascade ? rank - first + 2 : 0, width = kernels.panel_width;
   const double c = cpu::search_bound::projection_error(basis_rounding, rank, dim);
+  // Codes of up to kMaxCodeDim values keep every code dot product below 2^24 (exact in float).
+  constexpr int64_t kMaxCodeDim = 2048;
+  TORCH_CHECK_VALUE(first <= kMaxCodeDim, "knn_pruned: the first screen has ", first,
+                    " directions; at most 2048 are supported");
+  const int64_t code_dim = (first + 3) / 4 * 4;
 
   at::Tensor out_dist = at::full({num_queries, k}, std::numeric_limits<float>::infinity(), queries.options());
   at::Tensor out_index = at::full({num_queries, k}, -1, queries.options().dtype(at::kLong));
@@ -134,9 +169,46 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
         ex[i * extension_dim + rank - first + 1] = first_residual;
       }
       n64[i] = norm_sq;
-      mg[i] = cpu::search_bound::margin(std::sqrt(norm_sq), bank_norm_max, c, rank, dim, cascade);
+      mg[i] = cpu::search_bound::margin(std::sqrt(norm_sq), bank_norm_max, c, rank, first, dim, cascade);
     }
   });
+
+  // The first screen's codes: bank rows (unsigned, |a| <= 127) and queries (|z| <= 63).
+  at::Tensor bank_codes = at::empty({num_bank, code_dim}, queries.options().dtype(at::kByte));
+  at::Tensor bank_terms = at::empty({num_bank, 5}, f32);
+  at::Tensor query_codes = at::empty({num_queries, code_dim}, queries.options().dtype(at::kChar));
+  at::Tensor query_terms = at::empty({num_queries, 4}, f32);
+  at::Tensor query_offset = at::empty({num_queries}, queries.options().dtype(at::kInt));
+  {
+    const float* bs = bank_screen.data_ptr<float>();
+    uint8_t* bc = bank_codes.data_ptr<uint8_t>();
+    float* bt = bank_terms.data_ptr<float>();
+    at::parallel_for(0, num_bank, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const Coded coded = encode(bs + i * screen_dim, first, code_dim, 127, 128, bc + i * code_dim);
+        float* t = bt + i * 5;
+        t[0] = coded.scale;
+        t[1] = coded.norm;
+        t[2] = coded.error;
+        t[3] = bs[i * screen_dim + first];      // R_b
+        t[4] = bs[i * screen_dim + first + 1];  // H_b
+      }
+    });
+    int8_t* qc = query_codes.data_ptr<int8_t>();
+    float* qt = query_terms.data_ptr<float>();
+    int32_t* qo = query_offset.data_ptr<int32_t>();
+    at::parallel_for(0, num_queries, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const Coded coded = encode(sc + i * screen_dim, first, code_dim, 63, 0, qc + i * code_dim);
+        float* t = qt + i * 4;
+        t[0] = coded.scale;
+        t[1] = coded.error;
+        t[2] = coded.coded_norm;
+        t[3] = sc[i * screen_dim + first];  // R_q
+        qo[i] = 128 * coded.sum;
+      }
+    });
+  }
 
   std::vector<int64_t> order(num_queries);
   std::iota(order.begin(), order.end(), 0);
@@ -161,6 +233,13 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
                               bank_screen.data_ptr<float>(),
                               cascade ? ex : nullptr,
                               cascade ? bank_extension.data_ptr<float>() : nullptr,
+                              query_codes.data_ptr<int8_t>(),
+                              query_terms.data_ptr<float>(),
+                              query_offset.data_ptr<int32_t>(),
+                              bank_codes.data_ptr<uint8_t>(),
+                              bank_terms.data_ptr<float>(),
+                              code_dim,
+                              cpu::has_avx512_vnni(),
                               dim,
                               screen_dim,
                               extension_dim,

@@ -37,6 +37,20 @@
 //    y_q[:r1]| <= c |q|, and R_q1, R_b1 bound the rank-r1 residuals), with fewer terms. So one
 //    margin, margin(q) with g(rank + 4) and 2.03 in the first term, covers both stages, and
 //    both compare with the same cut(q).
+// 5. The first screen in 8-bit codes (isa/code_tile.h). Each side's first-screen projection Y is
+//    coded as s z with z integer (bank |z_j| <= 127, queries |z_j| <= 63) and its code error
+//    e = |Y - s z| computed in double and rounded up, as are |Y_b| and |Z_q| = |s_q z_q|. In reals,
+//    Y_q.Y_b = Z_q.Z_b + (Y_q - Z_q).Y_b + Z_q.(Y_b - Z_b) <= Z_q.Z_b + e_q |Y_b| + |Z_q| e_b, so
+//      t1 = s_q s_b (z_q.z_b) + e_q |Y_b| + |Z_q| e_b + R_q R_b + H_b
+//    bounds step 3's rank-r1 value from above (z_q.z_b is an exact integer below 2^24, exact in
+//    float). Evaluated in float32 by at most 10 roundings (two products, three multiply-adds and a
+//    sum; the portable path rounds products and sums separately), it is off by at most g(10) times
+//    the sum of its terms' magnitudes. The quantisation errors are at most sqrt(r1) s / 2 with
+//    s <= max|Y_j| / 63 <= |Y| / 63, so w := e_q / |q| + e_b / |b| <= sqrt(r1) / 84 and (step 3's
+//    norms, |Z| <= |Y| + e) the magnitudes sum to at most a |q||b| + 0.51 N_b with
+//    a = 1.05 (1 + w)^2 + 1.2 w. margin(q) gains 2 g(10) (a |q| B + 0.51 B^2). A cascade
+//    adds the extension to this t1 (an upper bound, so t1 + e still bounds step 4's t2), with step
+//    4's margin for the extension and the sum, and this one for t1.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -56,11 +70,15 @@ static inline double projection_error(double basis_rounding, int64_t rank, int64
 
 // margin(q) above, for |q| = query_norm and every |b| <= bank_norm_max; `cascade`: step 4's
 // margin (a screen with an extension), which also covers its first stage.
-static inline double margin(double query_norm, double bank_norm_max, double c, int64_t rank, int64_t dim,
-                            bool cascade) {
+// first_rank: r1, the directions of the first screen, which is coded (step 5).
+static inline double margin(double query_norm, double bank_norm_max, double c, int64_t rank, int64_t first_rank,
+                            int64_t dim, bool cascade) {
   const double q = query_norm, b = bank_norm_max, u = kUnitRoundoff;
   const double terms = static_cast<double>(cascade ? rank + 4 : rank + 2), cross = cascade ? 2.03 : 1.01;
+  const double coded = std::sqrt(static_cast<double>(first_rank)) / 84.0;
+  const double coded_terms = 1.05 * (1 + coded) * (1 + coded) + 1.2 * coded;
   const double m = 2 * gamma(terms) * (cross * q * b + 0.51 * b * b) + u * b * b +
+                   2 * gamma(10) * (coded_terms * q * b + 0.51 * b * b) +
                    2 * (1.01 * c + 1.02 * u) * q * b + gamma(static_cast<double>(dim + 3)) * (q + b) * (q + b) +
                    static_cast<double>(dim + rank + 10) * kUnderflowPerTerm;
   return 1.01 * m;

@@ -19,25 +19,27 @@ constexpr int kPanelVecs = 2;
 #endif
 constexpr int kPanel = kPanelVecs * kLanes;
 
-// out[r * kPanel + j] = row(r) . panel_j for r < kRows, j < kPanel, where row(r) points at
-// the r-th row of A (rows in place, or gathered from anywhere).
-template <class RowPointer>
+// out[r * kPanel + j] = row(r) . panel_j for r < Rows, j < Vecs kLanes, where row(r) points at
+// the r-th row of A (rows in place, or gathered from anywhere) and the panel's rows are kPanel
+// floats apart (a narrower tile reads the vectors from `panel` on). Every lane is the same
+// sequential chain whatever Rows and Vecs are: the same float.
+template <int Rows = kRows, int Vecs = kPanelVecs, class RowPointer>
 inline void dot_tile_rows(RowPointer row, const float* panel, int64_t dim, float* out) {
-  const float* a[kRows];
-  for (int r = 0; r < kRows; ++r) a[r] = row(r);
-  Vec acc[kRows][kPanelVecs];
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vzero();
+  const float* a[Rows];
+  for (int r = 0; r < Rows; ++r) a[r] = row(r);
+  Vec acc[Rows][Vecs];
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < Vecs; ++v) acc[r][v] = vzero();
   for (int64_t k = 0; k < dim; ++k) {
-    Vec b[kPanelVecs];
-    for (int v = 0; v < kPanelVecs; ++v) b[v] = vload(panel + k * kPanel + v * kLanes);
-    for (int r = 0; r < kRows; ++r) {
+    Vec b[Vecs];
+    for (int v = 0; v < Vecs; ++v) b[v] = vload(panel + k * kPanel + v * kLanes);
+    for (int r = 0; r < Rows; ++r) {
       const Vec ar = vset1(a[r][k]);
-      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vfmadd(ar, b[v], acc[r][v]);
+      for (int v = 0; v < Vecs; ++v) acc[r][v] = vfmadd(ar, b[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kPanelVecs; ++v) vstore(out + r * kPanel + v * kLanes, acc[r][v]);
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < Vecs; ++v) vstore(out + r * kPanel + v * kLanes, acc[r][v]);
 }
 
 // The same for kRows rows stored a_stride floats apart from a.

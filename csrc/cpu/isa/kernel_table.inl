@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #if defined(PATCHCORE_ISA_AVX512) || defined(PATCHCORE_ISA_AVX2)
 #include <immintrin.h>
 #endif
@@ -19,6 +20,7 @@ namespace {
 #include "dot_tile.h"
 #include "coreset_pass.h"
 #include "knn_block.h"
+#include "code_tile.h"
 #include "knn_pruned.h"
 #include "embedding.h"
 }  // namespace

@@ -1,0 +1,143 @@
+// The pruned search's first screen in 8-bit codes (search_bound.h step 5). Needs simd.h and
+// dot_tile.h first (kRows, kPanel, kPanelVecs).
+//
+// A bank row's code is u_j = a_j + 128 (a_j in [-127, 127]: its projection over its own scale
+// s_b); a query's code is z_j in [-63, 63] over its scale s_q. The tile sums u_j z_j over the
+// code dimensions in int32 (exact: |sum| < 2^24, so its float conversion is exact too), then
+// D = sum - 128 sum_j z_j = a . z, and every (row, query) pair gets the screen's upper bound
+//   t = s_q s_b D + e_q |Y_b| + |Z_q| e_b + R_q R_b + H_b
+// (e: each side's code error, |Z_q| = |s_q z|, all rounded up where they are made). With
+// |z_j| <= 63, one pair of u8 x s8 products is at most 2 x 254 x 63 < 2^15, so the 16-bit sums of
+// vpmaddubsw never saturate and every path computes the same integers. The panel holds each
+// query's codes as 4-byte groups: panel[(j / 4) * kPanel * 4 + lane * 4 + j % 4].
+
+// The per-lane (query) values of a block: scales, code errors, code norms, residual bounds and
+// the integer offset 128 sum_j z_j.
+struct CodeLanes {
+  alignas(64) float scale[kPanel];
+  alignas(64) float error[kPanel];
+  alignas(64) float norm[kPanel];
+  alignas(64) float residual[kPanel];
+  alignas(64) int32_t offset[kPanel];
+};
+
+// The per-row (bank) values, kCodeTerms floats per row: s_b, |Y_b| (up), e_b (up), R_b, H_b.
+constexpr int kCodeTerms = 5;
+
+// t for row r, lanes [v kLanes, (v + 1) kLanes), from the lanes' exact integer dot products d.
+inline void code_epilogue(const float* terms, const CodeLanes& q, int v, Vec d, float* out) {
+  const Vec scale = vset1(terms[0]), norm_b = vset1(terms[1]), error_b = vset1(terms[2]);
+  const Vec residual_b = vset1(terms[3]), half_sq = vset1(terms[4]);
+  const int o = v * kLanes;
+  Vec t = vmul(vmul(d, vload(q.scale + o)), scale);
+  t = vfmadd(vload(q.error + o), norm_b, t);
+  t = vfmadd(vload(q.norm + o), error_b, t);
+  t = vfmadd(vload(q.residual + o), residual_b, t);
+  vstore(out, vadd(t, half_sq));
+}
+
+#if defined(PATCHCORE_ISA_AVX512) || defined(PATCHCORE_ISA_AVX2)
+#if defined(PATCHCORE_ISA_AVX512)
+using IVec = __m512i;
+inline IVec ivzero() { return _mm512_setzero_si512(); }
+inline IVec ivload(const void* p) { return _mm512_loadu_si512(p); }
+inline void ivstore(void* p, IVec a) { _mm512_storeu_si512(p, a); }
+inline IVec ivset1(int32_t x) { return _mm512_set1_epi32(x); }
+inline IVec ivsub(IVec a, IVec b) { return _mm512_sub_epi32(a, b); }
+inline Vec ivfloat(IVec a) { return {_mm512_cvtepi32_ps(a)}; }
+// acc + sum of 4 u8 x s8 products per 32-bit lane, without VNNI.
+inline IVec ivdot4(IVec acc, IVec u, IVec s) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+#else
+using IVec = __m256i;
+inline IVec ivzero() { return _mm256_setzero_si256(); }
+inline IVec ivload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline void ivstore(void* p, IVec a) { _mm256_storeu_si256(static_cast<__m256i*>(p), a); }
+inline IVec ivset1(int32_t x) { return _mm256_set1_epi32(x); }
+inline IVec ivsub(IVec a, IVec b) { return _mm256_sub_epi32(a, b); }
+inline Vec ivfloat(IVec a) { return {_mm256_cvtepi32_ps(a)}; }
+inline IVec ivdot4(IVec acc, IVec u, IVec s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
+inline int32_t load4(const uint8_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+// The tile's integer loop, then each row's t into out[r * kPanel + lane]. DOT4 is the 4-product
+// step; the loop is a macro so that the VNNI variant can be compiled with its own target.
+#define PATCHCORE_CODE_TILE_BODY(DOT4)                                                             \
+  IVec acc[kRows][kPanelVecs];                                                                     \
+  for (int r = 0; r < kRows; ++r)                                                                  \
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = ivzero();                                     \
+  for (int64_t g = 0; g < groups; ++g) {                                                           \
+    IVec b[kPanelVecs];                                                                            \
+    for (int v = 0; v < kPanelVecs; ++v) b[v] = ivload(panel + (g * kPanel + v * kLanes) * 4);     \
+    for (int r = 0; r < kRows; ++r) {                                                              \
+      const IVec a = ivset1(load4(rows[r] + g * 4));                                               \
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = DOT4(acc[r][v], a, b[v]);                   \
+    }                                                                                              \
+  }                                                                                                \
+  /* all of acc leaves registers at once (indexing it by the run-time count would keep it in */  \
+  /* memory through the loop) */                                                                   \
+  alignas(64) int32_t dots[kRows][kPanel];                                                         \
+  for (int r = 0; r < kRows; ++r)                                                                  \
+    for (int v = 0; v < kPanelVecs; ++v) ivstore(dots[r] + v * kLanes, acc[r][v]);                 \
+  for (int r = 0; r < count; ++r)                                                                  \
+    for (int v = 0; v < kPanelVecs; ++v)                                                           \
+      code_epilogue(terms[r], lanes, v, ivfloat(ivsub(ivload(dots[r] + v * kLanes),                \
+                                                      ivload(lanes.offset + v * kLanes))),         \
+                    out + r * kPanel + v * kLanes);
+
+inline void code_tile_plain(const uint8_t* const* rows, const float* const* terms, int count, const int8_t* panel,
+                            int64_t groups, const CodeLanes& lanes, float* out) {
+  PATCHCORE_CODE_TILE_BODY(ivdot4)
+}
+
+#if defined(PATCHCORE_ISA_AVX512)
+// As inline assembly: GCC 12's intrinsic copies every accumulator and keeps a copy on the stack.
+inline IVec ivdot4_vnni(IVec acc, IVec u, IVec s) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+__attribute__((target("avx512vnni"))) inline void code_tile_vnni(const uint8_t* const* rows, const float* const* terms,
+                                                                 int count, const int8_t* panel, int64_t groups,
+                                                                 const CodeLanes& lanes, float* out) {
+  PATCHCORE_CODE_TILE_BODY(ivdot4_vnni)
+}
+#endif
+#undef PATCHCORE_CODE_TILE_BODY
+
+// t for `count` rows (row pointers padded to kRows with valid rows) against the block's panel;
+// `vnni`: the CPU has AVX512_VNNI (the same integers either way).
+inline void code_tile(const uint8_t* const* rows, const float* const* terms, int count, const int8_t* panel,
+                      int64_t groups, const CodeLanes& lanes, bool vnni, float* out) {
+#if defined(PATCHCORE_ISA_AVX512)
+  if (vnni) return code_tile_vnni(rows, terms, count, panel, groups, lanes, out);
+#endif
+  (void)vnni;
+  code_tile_plain(rows, terms, count, panel, groups, lanes, out);
+}
+
+#else
+// Portable: plain integer loops (the compiler vectorises what it can).
+inline void code_tile(const uint8_t* const* rows, const float* const* terms, int count, const int8_t* panel,
+                      int64_t groups, const CodeLanes& lanes, bool, float* out) {
+  alignas(64) float d[kLanes];
+  for (int r = 0; r < count; ++r) {
+    int32_t acc[kPanel] = {};
+    for (int64_t g = 0; g < groups; ++g)
+      for (int l = 0; l < kPanel; ++l)
+        for (int j = 0; j < 4; ++j)
+          acc[l] += static_cast<int32_t>(rows[r][g * 4 + j]) * panel[(g * kPanel + l) * 4 + j];
+    for (int v = 0; v < kPanelVecs; ++v) {
+      for (int l = 0; l < kLanes; ++l) d[l] = static_cast<float>(acc[v * kLanes + l] - lanes.offset[v * kLanes + l]);
+      code_epilogue(terms[r], lanes, v, vload(d), out + r * kPanel + v * kLanes);
+    }
+  }
+}
+#endif
