@@ -218,16 +218,17 @@ def test_cascade_screens_again_only_what_its_first_stage_keeps():
 
 
 @needs_kernels
-def test_build_chooses_among_single_screens_and_cascades_by_measured_cost():
+def test_build_chooses_the_single_screen_of_least_measured_cost():
     g = torch.Generator().manual_seed(13)
     bank = low_rank_rows(3000, 512, 16, g)
-    index = PrunedIndex.build(bank, low_rank_rows(600, 512, 16, g))
-    candidates = [PrunedIndex.build(bank, rank=r) for r in (16, 32, 64)]
-    probes = low_rank_rows(600, 512, 16, g)
+    probes = low_rank_rows(512, 512, 16, g)  # RANK_PROBES: the build measures all of them
+    index = PrunedIndex.build(bank, probes)
+    candidates = [PrunedIndex.build(bank, rank=r) for r in (16, 32, 64, 128, 256)]
     for c in candidates:
         c.measure(probes)
-    assert index.rank in (16, 32, 64, 128, 256) and index.pays
-    assert index.probe_cost <= min(c.probe_cost for c in candidates) * 1.5
+    assert index.pays and index.bank_extension is None
+    assert index.probe_cost == pytest.approx(min(c.probe_cost for c in candidates))
+    assert index.rank == min(candidates, key=lambda c: c.probe_cost).rank
 
 
 @needs_kernels

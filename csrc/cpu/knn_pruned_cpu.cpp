@@ -77,7 +77,10 @@ Coded encode(const float* y, int64_t n, int64_t code_dim, int limit, int offset,
   int32_t sum = 0;
   for (int64_t j = 0; j < code_dim; ++j) {
     long z = 0;
-    if (j < n && scale > 0.f) z = std::clamp(std::lround(static_cast<double>(y[j]) / scale), -long{limit}, long{limit});
+    if (j < n && scale > 0.f) {  // rounded half away from zero, inline (any integer would do: e is measured)
+      const double r = static_cast<double>(y[j]) / scale;
+      z = std::clamp(static_cast<long>(r + (r >= 0 ? 0.5 : -0.5)), -long{limit}, long{limit});
+    }
     codes[j] = static_cast<Code>(z + offset);
     sum += static_cast<int32_t>(z);
     if (j >= n) continue;

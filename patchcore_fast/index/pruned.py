@@ -8,14 +8,16 @@ distance, computed exactly as `knn` computes it. The results are `knn`'s, float 
 index for index; the rounding margin that makes this rigorous is derived in
 csrc/cpu/search_bound.h.
 
-Where many directions are needed (textures), the screen itself becomes the cost; the index can
-then be a cascade: a screen over the leading r1 directions for every row, and the remaining
-rank - r1 directions added only for the rows it keeps (the same bound, the same margin).
+The kernel screens in 8-bit integer codes of the projections (4 products per instruction and lane
+with AVX512_VNNI, 2 on other x86 paths, against float32's one), with each code's error inside
+the bound, and computes a row exactly only for the panel vectors of queries that keep it.
+An index can also be a cascade (`first_rank`): a screen over the leading r1 directions for every
+row, and the remaining rank - r1 directions added only for the rows it keeps (the same bound).
 
-Whether pruning pays, the rank and the cascade are chosen at build time from measurements on
-probe queries (patches like the ones to come, e.g. training patches the coreset left out).
-Where pruning does not pay (random data, small D, a tiny bank), `search` is plain `knn`. The screen runs on the CPU; on another device the index
-is a FlatIndex of the same rows (`to`).
+Whether pruning pays and the rank are chosen at build time from measurements on probe queries
+(patches like the ones to come, e.g. training patches the coreset left out). Where pruning does
+not pay (random data, small D, a tiny bank), `search` is plain `knn`. The screen runs on the CPU;
+on another device the index is a FlatIndex of the same rows (`to`).
 """
 
 from __future__ import annotations
@@ -31,27 +33,26 @@ from .._types import Progress
 from .base import Index
 from .flat import FlatIndex
 
-#: The screen costs (rank + 2) / D of brute force's arithmetic and leaves fewer rows the more
-#: directions it has; how many fewer depends on the data (tire's 1024-d features: rank 64 leaves
-#: ~2.5 %; textures of grass or gravel: 90 % at rank 64, 3-5 % at rank 256). So the rank is chosen
-#: at build time from the probes among RANK_CHOICES (up to D / 2), minimising the predicted cost
-#: (rows left + the screen's own share). Without probes: D / 16, at most 64.
+#: The screen costs (rank + 2) / D of brute force's arithmetic over the codes' speed-up
+#: (coded_screen_speedup) and leaves fewer rows the more directions it has; how many fewer depends
+#: on the data (tire's 1024-d features: rank 64 leaves ~3 %; textures of grass or gravel: 75-80 %
+#: at rank 64, 3 % at rank 256). So the rank is chosen at build time from the probes among
+#: RANK_CHOICES (up to D / 2), minimising the predicted cost (rows left + the screen's own
+#: share). Without probes: D / 16, at most 64.
 RANK_CHOICES = (16, 32, 64, 128, 256)
 RANK_SHARE = 16
 MAX_RANK = 64
 #: Probes on which each candidate rank is measured (the kernel's own count of exact distances).
 RANK_PROBES = 512
-#: The descent through RANK_CHOICES stops at a rank whose screen leaves this share of the bank:
-#: a smaller rank leaves at least as many rows, so it can neither be the final screen nor save
-#: much as a cascade's first stage (which saves at most 1 - share of the further directions).
-STAGE_LEAVES_AT_MOST = 0.75
 #: Pruning is used when the probes predict at most this share of brute force's time: below it
 #: the screen plus the exact rows are clearly cheaper; above it the gain is too small to matter.
 PAYS_BELOW = 0.5
 #: Probe queries measured at build time.
 PROBES = 4096
-#: Bank rows converted to float64 at a time while building.
-CHUNK_ROWS = 65536
+#: Bank rows whose covariance gives the directions (an evenly strided sample of larger banks).
+COVARIANCE_ROWS = 8192
+#: Bank rows converted to float64 at a time while building (64 MB at D = 1024).
+CHUNK_ROWS = 8192
 #: Rows whose stored projection is re-computed when an index is restored from a file.
 CHECKED_ROWS = 8192
 
@@ -132,17 +133,23 @@ class PrunedIndex(Index):
         if like is not None:  # the other index's directions, made orthonormal in float64 again
             basis64 = torch.linalg.qr(like.basis.double().T)[0].T.contiguous()
         else:
+            # From an evenly strided sample of at most COVARIANCE_ROWS rows: the directions only
+            # need to be good, and the sample keeps this cost flat as banks grow.
+            sample = bank[:: -(-m // COVARIANCE_ROWS)]
             total, second = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
-            for chunk in bank.split(CHUNK_ROWS):
-                total += chunk.double().sum(dim=0)
+            for chunk in sample.split(CHUNK_ROWS):
+                total += chunk.sum(dim=0, dtype=torch.float64)
                 second += (chunk.T @ chunk).double()
-            mean = total / m
-            _, vectors = torch.linalg.eigh(second - m * torch.outer(mean, mean))  # m x the covariance
+            mean = total / len(sample)
+            _, vectors = torch.linalg.eigh(second - len(sample) * torch.outer(mean, mean))  # n x the covariance
             basis64 = torch.linalg.qr(vectors[:, -top:].flip(1))[0].T.contiguous()  # orthonormal rows, leading first
-        # Per row, once for the largest rank: the projections y (float64, stored as float32), the
-        # squared norm of the part outside all `top` directions, and the squared norms of y's tails,
-        # so that every smaller rank r has rho_r^2 = rho_top^2 + sum_{j >= r} y_j^2 (a sum of
-        # positive terms: no cancellation; float64 error far below the float32 margin).
+        # Per row, once for the largest rank: the projections y (float64, stored as float32), an
+        # upper bound on the squared norm of the part outside all `top` directions, |x|^2 - |y|^2
+        # plus its float64 rounding bound (the sums' (d + top) 2^-53 |x|^2 and the basis's
+        # departure from orthonormality, ~1e-15 |x|^2: far below the float32 margin), and the
+        # squared norms of y's tails, so that every smaller rank r has rho_r^2 = rho_top^2 +
+        # sum_{j >= r} y_j^2 (a sum of positive terms).
+        slack = 4 * (d + top + 16) * 2.0**-53 + 1e-13
         inside32 = torch.empty(m, top)
         outside_sq = torch.empty(m, dtype=torch.float64)
         tails = torch.empty(m, len(ranks), dtype=torch.float64)
@@ -152,11 +159,14 @@ class PrunedIndex(Index):
             inside = x @ basis64.T
             rows = slice(start, start + len(x))
             inside32[rows] = inside.float()
-            outside_sq[rows] = (x - inside @ basis64).square().sum(dim=1)
-            tail = inside.square().flip(1).cumsum(1).flip(1)  # tail[:, j] = sum_{i >= j} y_i^2
-            tails[rows] = torch.stack([tail[:, r] if r < top else torch.zeros(len(x), dtype=torch.float64)
-                                       for r in ranks], dim=1)
-            half_sq[rows] = _half_square_norms(x)
+            norm_sq = torch.einsum("ij,ij->i", x, x)
+            inside_sq = inside.square()
+            # tails[:, n] = sum_{i >= ranks[n]} y_i^2: the segments between ranks, summed from the last
+            segments = torch.stack([inside_sq[:, lo:hi].sum(dim=1) for lo, hi in zip(ranks, ranks[1:] + [top])], 1)
+            tails[rows] = segments.flip(1).cumsum(1).flip(1)
+            projected_sq = tails[rows, 0] + inside_sq[:, : ranks[0]].sum(dim=1)
+            outside_sq[rows] = (norm_sq - projected_sq).clamp_min(0) + slack * norm_sq
+            half_sq[rows] = (-0.5 * norm_sq).float()
 
         def index_of(n: int, first: int | None = None) -> "PrunedIndex":
             """Rank ranks[n]; a cascade with a first screen of rank ranks[first] when given."""
@@ -195,28 +205,20 @@ class PrunedIndex(Index):
         if len(probes) > RANK_PROBES:
             pick = torch.randperm(len(probes), generator=torch.Generator().manual_seed(0))[:RANK_PROBES]
             probes = probes[pick.sort().values]
-        # Measured, not modelled: the kernel's own counts on the probes. Single screens from the
-        # largest rank down (cheap to measure: few rows survive) until a rank leaves so many rows
-        # that no smaller one can serve; then the cascade the singles' shares predict to be
-        # cheapest (first stage r1, rows it leaves extended to r2) is measured too.
-        singles: dict[int, PrunedIndex] = {}
+        # Measured, not modelled: the kernel's own counts on the probes, single screens from the
+        # largest rank down (cheap to measure: few rows survive) until a rank leaves at least the
+        # best cost so far in rows alone: a smaller rank leaves at least as many. Cascades are not chosen here: with the coded first screen
+        # a single screen at the larger rank costs about what the cascade's first stage does, and
+        # the cascade's per-row work on the rows it extends made it slower on test patches than
+        # its probe counts predicted (benchmarks/NOTES.md, issue 20); `first_rank` still builds one.
+        best = None
         for n in reversed(range(len(ranks))):
-            singles[n] = index = index_of(n)
+            index = index_of(n)
             index.measure(probes)
-            if index.probe_share > STAGE_LEAVES_AT_MOST:
+            if best is None or index.probe_cost < best.probe_cost:
+                best = index
+            if index.probe_share >= best.probe_cost:
                 break
-        best = min(singles.values(), key=lambda index: index.probe_cost)
-        # predicted: r2's exact rows, r1's coded screen, and r1's rows extended to r2 in float32
-        speedup = coded_screen_speedup()
-        pairs = [(singles[n].probe_share + (ranks[f] + 2) / d / speedup
-                  + singles[f].probe_share * (ranks[n] - ranks[f] + 2) / d, n, f)
-                 for n in singles for f in singles if f < n]
-        if pairs:
-            predicted, n, f = min(pairs)
-            if predicted < best.probe_cost:
-                cascade = index_of(n, first=f)
-                cascade.measure(probes)
-                best = min(best, cascade, key=lambda index: index.probe_cost)
         best.pays = best.probe_cost <= PAYS_BELOW
         return best
 
