@@ -52,7 +52,7 @@ PROBES = 4096
 #: Bank rows whose covariance gives the directions (an evenly strided sample of larger banks).
 COVARIANCE_ROWS = 8192
 #: Bank rows converted to float64 at a time while building (64 MB at D = 1024).
-CHUNK_ROWS = 8192
+CHUNK_ROWS = 1024
 #: Rows whose stored projection is re-computed when an index is restored from a file.
 CHECKED_ROWS = 8192
 

@@ -112,10 +112,11 @@ __attribute__((target("avx512vnni"))) inline void code_tile_vnni(const uint8_t* 
 #endif
 #undef PATCHCORE_CODE_TILE_BODY
 
-// t for `count` rows (row pointers padded to kRows with valid rows) against the block's panel;
-// `vnni`: the CPU has AVX512_VNNI (the same integers either way).
+// t for `count` rows (row pointers padded to kRows with valid rows) against the block's panel
+// (its codes, and the same codes as floats [code_dim][kPanel] for the portable path); `vnni`:
+// the CPU has AVX512_VNNI (the same integers either way).
 inline void code_tile(const uint8_t* const* rows, const float* const* terms, int count, const int8_t* panel,
-                      int64_t groups, const CodeLanes& lanes, bool vnni, float* out) {
+                      const float*, int64_t groups, const CodeLanes& lanes, bool vnni, float* out) {
 #if defined(PATCHCORE_ISA_AVX512)
   if (vnni) return code_tile_vnni(rows, terms, count, panel, groups, lanes, out);
 #endif
@@ -124,20 +125,18 @@ inline void code_tile(const uint8_t* const* rows, const float* const* terms, int
 }
 
 #else
-// Portable: plain integer loops (the compiler vectorises what it can).
-inline void code_tile(const uint8_t* const* rows, const float* const* terms, int count, const int8_t* panel,
-                      int64_t groups, const CodeLanes& lanes, bool, float* out) {
-  alignas(64) float d[kLanes];
-  for (int r = 0; r < count; ++r) {
-    int32_t acc[kPanel] = {};
-    for (int64_t g = 0; g < groups; ++g)
-      for (int l = 0; l < kPanel; ++l)
-        for (int j = 0; j < 4; ++j)
-          acc[l] += static_cast<int32_t>(rows[r][g * 4 + j]) * panel[(g * kPanel + l) * 4 + j];
-    for (int v = 0; v < kPanelVecs; ++v) {
-      for (int l = 0; l < kLanes; ++l) d[l] = static_cast<float>(acc[v * kLanes + l] - lanes.offset[v * kLanes + l]);
-      code_epilogue(terms[r], lanes, v, vload(d), out + r * kPanel + v * kLanes);
-    }
-  }
+// Portable: the codes as floats through the float tile. Every product and partial sum is an
+// integer below 2^24, so the float arithmetic is exact: the same D as the integer paths.
+inline void code_tile(const uint8_t* const* rows, const float* const* terms, int count, const int8_t*,
+                      const float* float_panel, int64_t groups, const CodeLanes& lanes, bool, float* out) {
+  const int64_t n = groups * 4;
+  float a[kRows * 2048];  // kMaxCodeDim (knn_pruned_cpu.cpp)
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t j = 0; j < n; ++j) a[r * n + j] = static_cast<float>(static_cast<int>(rows[r][j]) - 128);
+  alignas(64) float d[kRows * kPanel];
+  dot_tile(a, n, float_panel, n, d);
+  for (int r = 0; r < count; ++r)
+    for (int v = 0; v < kPanelVecs; ++v)
+      code_epilogue(terms[r], lanes, v, vload(d + r * kPanel + v * kLanes), out + r * kPanel + v * kLanes);
 }
 #endif

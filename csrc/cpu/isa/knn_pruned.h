@@ -44,6 +44,7 @@ struct PrunedBlock {
   const PrunedKnn& s;
   float* exact_panel;    // [dim][kPanel] the block's queries
   int8_t* code_panel;    // [code_dim / 4][kPanel][4] their codes
+  float* code_panel_float; // [code_dim][kPanel] the same as floats (the portable path's tile)
   CodeLanes* code_lanes; // their code scales, errors, norms, residual bounds and offsets
   float* extension_panel;// [extension_dim][kPanel] their extension vectors
   float* screened;       // [chunk_rows][kPanel] screen values t of the chunk's rows
@@ -157,7 +158,7 @@ struct PrunedBlock {
         rows_at[r] = s.bank_codes + row * cd;
         terms_at[r] = s.bank_code_terms + row * kCodeTerms;
       }
-      code_tile(rows_at, terms_at, got, code_panel, cd / 4, *code_lanes, s.vnni, tile);
+      code_tile(rows_at, terms_at, got, code_panel, code_panel_float, cd / 4, *code_lanes, s.vnni, tile);
       for (int r = 0; r < got; ++r) note(tile + r * kPanel, screened + (first + r - c0) * kPanel, first + r);
     }
   }
@@ -255,6 +256,7 @@ struct PrunedBlock {
     }
     std::memset(exact_panel, 0, sizeof(float) * dim * kPanel);
     std::memset(code_panel, 0, static_cast<size_t>(cd) * kPanel);
+    std::memset(code_panel_float, 0, sizeof(float) * cd * kPanel);
     std::memset(code_lanes, 0, sizeof(CodeLanes));
     if (ed) std::memset(extension_panel, 0, sizeof(float) * ed * kPanel);
     for (int q = 0; q < kPanel; ++q) {
@@ -268,7 +270,10 @@ struct PrunedBlock {
     for (int q = 0; q < count; ++q) {
       const int64_t src = s.order[q0 + q];
       for (int64_t j = 0; j < dim; ++j) exact_panel[j * kPanel + q] = s.queries[src * dim + j];
-      for (int64_t j = 0; j < cd; ++j) code_panel[(j / 4 * kPanel + q) * 4 + j % 4] = s.query_codes[src * cd + j];
+      for (int64_t j = 0; j < cd; ++j) {
+        code_panel[(j / 4 * kPanel + q) * 4 + j % 4] = s.query_codes[src * cd + j];
+        code_panel_float[j * kPanel + q] = s.query_codes[src * cd + j];
+      }
       const float* terms = s.query_code_terms + src * 4;
       code_lanes->scale[q] = terms[0];
       code_lanes->error[q] = terms[1];
@@ -310,8 +315,8 @@ void knn_pruned(const PrunedKnn& s, int64_t block_lo, int64_t block_hi) {
   const auto whole = [](int64_t n) { return (n + 15) / 16 * 16; };
   const int64_t exact_floats = whole(s.dim * kPanel), lanes_floats = whole(sizeof(CodeLanes) / 4);
   const int64_t code_floats = whole((s.code_dim * kPanel + 3) / 4), extension_floats = whole(s.extension_dim * kPanel);
-  const int64_t floats =
-      exact_floats + lanes_floats + code_floats + extension_floats + whole(chunk * kPanel) + 2 * pair;
+  const int64_t floats = exact_floats + lanes_floats + code_floats + whole(s.code_dim * kPanel) + extension_floats +
+                         whole(chunk * kPanel) + 2 * pair;
   const int64_t longs = s.num_bank + chunk * (1 + kPanelVecs) + pair + 2 * pair;
   char* memory = static_cast<char*>(std::aligned_alloc(64, ((floats * 4 + longs * 8) / 64 + 8) * 64));
   float* f = reinterpret_cast<float*>(memory);
@@ -320,7 +325,8 @@ void knn_pruned(const PrunedKnn& s, int64_t block_lo, int64_t block_hi) {
   b.exact_panel = f;
   b.code_lanes = new (f + exact_floats) CodeLanes;
   b.code_panel = reinterpret_cast<int8_t*>(f + exact_floats + lanes_floats);
-  b.extension_panel = f + exact_floats + lanes_floats + code_floats;
+  b.code_panel_float = f + exact_floats + lanes_floats + code_floats;
+  b.extension_panel = b.code_panel_float + whole(s.code_dim * kPanel);
   b.screened = b.extension_panel + extension_floats;
   b.values = b.screened + whole(chunk * kPanel);
   b.best_t = b.values + pair;
