@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <optional>
@@ -91,6 +92,17 @@ Coded encode(const float* y, int64_t n, int64_t code_dim, int limit, int offset,
   }
   const auto up = [](double sq) { return cpu::search_bound::round_up(std::sqrt(sq) * (1 + 1e-12)); };
   return {scale, up(error_sq), up(norm_sq), up(coded_sq), sum};
+}
+
+// Codes rows [0, n) of `screen` (rows screen_dim floats apart, their first `first` values) into
+// codes[n, code_dim] in parallel; `terms(i, coded)` stores row i's other values.
+template <class Code, class Terms>
+void encode_rows(const float* screen, int64_t n, int64_t screen_dim, int64_t first, int64_t code_dim, int limit,
+                 int offset, Code* codes, Terms&& terms) {
+  at::parallel_for(0, n, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i)
+      terms(i, encode(screen + i * screen_dim, first, code_dim, limit, offset, codes + i * code_dim));
+  });
 }
 
 }  // namespace
@@ -183,34 +195,23 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
   at::Tensor query_terms = at::empty({num_queries, 4}, f32);
   at::Tensor query_offset = at::empty({num_queries}, queries.options().dtype(at::kInt));
   {
+    // Bank rows: s_b, |Y_b|, e_b, R_b, H_b. Queries: s_q, e_q, |s_q z|, R_q, and the offset.
     const float* bs = bank_screen.data_ptr<float>();
-    uint8_t* bc = bank_codes.data_ptr<uint8_t>();
     float* bt = bank_terms.data_ptr<float>();
-    at::parallel_for(0, num_bank, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const Coded coded = encode(bs + i * screen_dim, first, code_dim, 127, 128, bc + i * code_dim);
-        float* t = bt + i * 5;
-        t[0] = coded.scale;
-        t[1] = coded.norm;
-        t[2] = coded.error;
-        t[3] = bs[i * screen_dim + first];      // R_b
-        t[4] = bs[i * screen_dim + first + 1];  // H_b
-      }
-    });
-    int8_t* qc = query_codes.data_ptr<int8_t>();
+    encode_rows(bs, num_bank, screen_dim, first, code_dim, 127, 128, bank_codes.data_ptr<uint8_t>(),
+                [&](int64_t i, const Coded& c) {
+                  const float* rest = bs + i * screen_dim + first;
+                  std::initializer_list<float> terms{c.scale, c.norm, c.error, rest[0], rest[1]};
+                  std::copy(terms.begin(), terms.end(), bt + i * 5);
+                });
     float* qt = query_terms.data_ptr<float>();
     int32_t* qo = query_offset.data_ptr<int32_t>();
-    at::parallel_for(0, num_queries, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const Coded coded = encode(sc + i * screen_dim, first, code_dim, 63, 0, qc + i * code_dim);
-        float* t = qt + i * 4;
-        t[0] = coded.scale;
-        t[1] = coded.error;
-        t[2] = coded.coded_norm;
-        t[3] = sc[i * screen_dim + first];  // R_q
-        qo[i] = 128 * coded.sum;
-      }
-    });
+    encode_rows(sc, num_queries, screen_dim, first, code_dim, 63, 0, query_codes.data_ptr<int8_t>(),
+                [&](int64_t i, const Coded& c) {
+                  std::initializer_list<float> terms{c.scale, c.error, c.coded_norm, sc[i * screen_dim + first]};
+                  std::copy(terms.begin(), terms.end(), qt + i * 4);
+                  qo[i] = 128 * c.sum;
+                });
   }
 
   std::vector<int64_t> order(num_queries);

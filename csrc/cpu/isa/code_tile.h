@@ -37,30 +37,29 @@ inline void code_epilogue(const float* terms, const CodeLanes& q, int v, Vec d, 
 }
 
 #if defined(PATCHCORE_ISA_AVX512) || defined(PATCHCORE_ISA_AVX2)
+// The same integer operations at two widths: PATCHCORE_MI(op) names the intrinsic of this width.
 #if defined(PATCHCORE_ISA_AVX512)
 using IVec = __m512i;
+#define PATCHCORE_MI(op) _mm512_##op
 inline IVec ivzero() { return _mm512_setzero_si512(); }
 inline IVec ivload(const void* p) { return _mm512_loadu_si512(p); }
 inline void ivstore(void* p, IVec a) { _mm512_storeu_si512(p, a); }
-inline IVec ivset1(int32_t x) { return _mm512_set1_epi32(x); }
-inline IVec ivsub(IVec a, IVec b) { return _mm512_sub_epi32(a, b); }
-inline Vec ivfloat(IVec a) { return {_mm512_cvtepi32_ps(a)}; }
-// acc + sum of 4 u8 x s8 products per 32-bit lane, without VNNI.
-inline IVec ivdot4(IVec acc, IVec u, IVec s) {
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
-}
 #else
 using IVec = __m256i;
+#define PATCHCORE_MI(op) _mm256_##op
 inline IVec ivzero() { return _mm256_setzero_si256(); }
-inline IVec ivload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-inline void ivstore(void* p, IVec a) { _mm256_storeu_si256(static_cast<__m256i*>(p), a); }
-inline IVec ivset1(int32_t x) { return _mm256_set1_epi32(x); }
-inline IVec ivsub(IVec a, IVec b) { return _mm256_sub_epi32(a, b); }
-inline Vec ivfloat(IVec a) { return {_mm256_cvtepi32_ps(a)}; }
-inline IVec ivdot4(IVec acc, IVec u, IVec s) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-}
+inline IVec ivload(const void* p) { return _mm256_loadu_si256(static_cast<const IVec*>(p)); }
+inline void ivstore(void* p, IVec a) { _mm256_storeu_si256(static_cast<IVec*>(p), a); }
 #endif
+inline IVec ivset1(int32_t x) { return PATCHCORE_MI(set1_epi32)(x); }
+inline IVec ivsub(IVec a, IVec b) { return PATCHCORE_MI(sub_epi32)(a, b); }
+inline Vec ivfloat(IVec a) { return {PATCHCORE_MI(cvtepi32_ps)(a)}; }
+// acc + sum of 4 u8 x s8 products per 32-bit lane, without VNNI.
+inline IVec ivdot4(IVec acc, IVec u, IVec s) {
+  return PATCHCORE_MI(add_epi32)(acc, PATCHCORE_MI(madd_epi16)(PATCHCORE_MI(maddubs_epi16)(u, s),
+                                                                  PATCHCORE_MI(set1_epi16)(1)));
+}
+#undef PATCHCORE_MI
 
 inline int32_t load4(const uint8_t* p) {
   int32_t x;
