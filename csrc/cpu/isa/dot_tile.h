@@ -18,6 +18,13 @@ constexpr int kPanelVecs = 3;  // 4 x 24 tiles: 7 loads per 12 FMAs (6 x 16 need
 constexpr int kPanelVecs = 2;
 #endif
 constexpr int kPanel = kPanelVecs * kLanes;
+// Rows of a one-vector tile (the pruned search's per-vector exact rows): at least 8
+// independent chains keep two 4-cycle multiply-adds per cycle busy.
+#if defined(PATCHCORE_ISA_AVX512)
+constexpr int kTallRows = 12;
+#else
+constexpr int kTallRows = 8;
+#endif
 
 // out[r * kPanel + j] = row(r) . panel_j for r < Rows, j < Vecs kLanes, where row(r) points at
 // the r-th row of A (rows in place, or gathered from anywhere) and the panel's rows are kPanel

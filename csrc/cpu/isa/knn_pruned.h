@@ -110,7 +110,7 @@ struct PrunedBlock {
     split_by_vector(c0, n, counts);
     int64_t pairs = 0;
     for (int v = 0; v < kPanelVecs; ++v) {
-      exact_lanes<kRows, 1>(by_vector[v], counts[v], v);
+      exact_lanes<kTallRows, 1>(by_vector[v], counts[v], v);
       pairs += counts[v];
     }
     return (pairs + kPanelVecs - 1) / kPanelVecs;
@@ -219,7 +219,7 @@ struct PrunedBlock {
   // the rows some cut still keeps are returned (in place, in order). *computed counts the
   // threshold rows, *extended the (row, vector) pairs screened again, in rows of a whole panel.
   int64_t rescreen(int64_t q0, int64_t c0, int64_t n, int64_t tag, int64_t* computed, int64_t* extended) {
-    constexpr int kTall = kRows;
+    constexpr int kTall = kTallRows;
     const int64_t ed = s.extension_dim;
     alignas(64) float tile[kTall * kPanel];
     int64_t counts[kPanelVecs];
