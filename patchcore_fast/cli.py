@@ -85,6 +85,27 @@ def cmd_fit(args) -> None:
     log.info(f"saved {out} ({model.config.backbone.name}, framing {model.config.framing})")
 
 
+def cmd_update(args) -> None:
+    from .model import PatchCore
+    from .run_outputs import check_writable_file
+
+    out = check_writable_file(args.out)
+    images, ignored = training_images(args.images, None)
+    model = PatchCore.load(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size,
+                           skip_bad_images=args.skip_bad_images)
+    before = len(model.bank)
+    log.info(f"adding {_count(len(images), 'image file')} to {args.model} (bank {before:,} rows)"
+             + (f"; {ignored} other file(s) left alone" if ignored else ""))
+    model.update(images)
+    skipped = len(images) - model.added_images
+    d = model.bank.decision
+    log.info(f"added {_count(model.added_images, 'image')}" + (f" ({skipped} skipped)" if skipped else "")
+             + f": memory bank {before:,} -> {len(model.bank):,} rows; {_stages(model.timings)}")
+    log.info("threshold " + ("none" if d.threshold is None else f"{d.threshold:.6g}: {d.threshold_source}"))
+    model.save(out)
+    log.info(f"saved {out}")
+
+
 #: Overlays on the original images are drawn with their long side at most this many pixels: a
 #: 12,000 px photograph gets a 2,048 px overlay (what a screen shows), in bounded memory.
 OVERLAY_MAX_SIDE = 2048
@@ -368,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "centre crop in grey) or on the model's S x S view")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
     p.set_defaults(run=cmd_predict)
+
+    p = command("update", "add good images to a saved model without a refit (the bank grows by the coreset ratio)")
+    p.add_argument("model", help="a model file written by fit (or update)")
+    p.add_argument("images", help="a folder of new good images (subfolders are not searched)")
+    p.add_argument("--out", required=True, metavar="MODEL", help="the model file to write (may be MODEL itself)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")
+    p.set_defaults(run=cmd_update)
 
     p = command("info", "what a model file holds: settings, bank, search index, threshold and its origin, format")
     p.add_argument("model", help="a model file written by fit")

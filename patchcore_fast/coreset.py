@@ -13,6 +13,7 @@ from ._types import Progress
 from . import _checks
 from . import torch_ops  # noqa: F401  (registers torch.ops.patchcore_fast.*)
 from ._extension import _C, compiled
+from .knn import knn
 from .reference.coreset import greedy_coreset_reference, pairwise_l2
 
 
@@ -162,3 +163,37 @@ def greedy_coreset(
             return torch.ops.patchcore_fast.greedy_coreset(space, initial, size, cuda_kernel)
         return _C.greedy_coreset(space, initial, size, cuda_kernel=cuda_kernel, progress=progress)
     return greedy_coreset_reference(space, initial, size)
+
+
+@torch.no_grad()
+def distances_to_bank(features: torch.Tensor, bank: torch.Tensor, projection_dim: int | None = 128, seed: int = 0,
+                      space: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the features' selection space [N, width], each row's L2 distance [N] to its nearest `bank` row
+    in that space): the state a greedy selection (same projection_dim and seed) is in when it has
+    picked the bank's rows, from which it continues (`continued_coreset`). `space` as in greedy_coreset."""
+    features = _checks.float_matrix(features, "features")
+    bank = _checks.float_matrix(bank, "bank")
+    if bank.shape[1] != features.shape[1]:
+        raise ValueError(f"bank must be [M, {features.shape[1]}] like the features' rows, got {tuple(bank.shape)}")
+    bank = bank.to(features.device)
+    if space is None:
+        space = seeded_start(features, projection_dim, seed=seed, draw_start=False)[0]
+    bank_space = seeded_start(bank, projection_dim, seed=seed, draw_start=False)[0]
+    _checks.distances_fit_float32(space, "projected features", bank_space)
+    nearest = knn(space.contiguous(), bank_space.contiguous(), 1)[0][:, 0]
+    return space, nearest.clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def continued_coreset(features: torch.Tensor, bank: torch.Tensor, ratio: float | None = None, *, n: int | None = None,
+                      projection_dim: int | None = 128, seed: int = 0, cuda_kernel: str = DEFAULT_CUDA_KERNEL,
+                      progress: Progress = None) -> torch.Tensor:
+    """The greedy selection continued from an existing memory bank `bank` [M, D] (selected with the
+    same projection_dim and seed) over new rows `features` [N, D]: int64 indices into the features,
+    in the order the selection adds them. Each new row starts at its distance to the nearest bank
+    row (`distances_to_bank`), so a new row that a bank row already covers is picked late or never.
+    Its cost grows with N (and M through one nearest-row search), never with the rows the bank was
+    selected from. Give `ratio` (int(N * ratio) picks) or `n`."""
+    space, initial = distances_to_bank(features, bank, projection_dim, seed)
+    return greedy_coreset(features, ratio, n=n, projection_dim=projection_dim, seed=seed, initial_distances=initial,
+                          cuda_kernel=cuda_kernel, progress=progress, space=space)

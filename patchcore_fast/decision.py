@@ -103,7 +103,32 @@ def cross_fitted_scores(num_images: int, seed: int, fold_index, score_images, pr
     return torch.tensor(scores, dtype=torch.float64)
 
 
+def fewest_kept_images(num_images: int) -> int:
+    """Images in the smallest set a cross-fitting fold keeps (`cross_fitted_scores`'s folds): a fold
+    whose kept patches give a coreset of no row cannot be fitted, so callers check this first."""
+    folds = min(FOLDS, num_images)
+    return num_images - -(-num_images // folds) if folds else 0
+
+
 def cross_fitted_threshold(scores: torch.Tensor, folds: int) -> tuple[float, str]:
     threshold, _ = quantile_threshold(scores, THRESHOLD_QUANTILE)
     return threshold, (f"cross-fitted: quantile {THRESHOLD_QUANTILE:g} of {len(scores)} training images, each scored "
                        f"by a bank fitted without it ({folds} folds)")
+
+
+def updated(old: Decision, new_scores: torch.Tensor | None, new_images: int) -> Decision:
+    """The decision after `update` added `new_images` images whose cross-fitted scores are
+    `new_scores` (None: too few to cross-fit): the scores join the old ones; a cross-fitted (or
+    absent) threshold is recomputed from all of them, a calibrated one is kept (the user chose it)."""
+    if new_scores is None or len(new_scores) == 0:
+        return old
+    scores = new_scores if old.normal_scores is None else torch.cat([old.normal_scores, new_scores])
+    updated = dataclasses.replace(old, normal_scores=scores)
+    if old.threshold is not None and not (old.threshold_source or "").startswith("cross-fitted"):
+        return updated
+    if float(scores.max()) <= 0:
+        return updated
+    threshold, _ = quantile_threshold(scores, THRESHOLD_QUANTILE)
+    return updated.with_threshold(threshold, f"cross-fitted: quantile {THRESHOLD_QUANTILE:g} of {len(scores)} "
+                                             f"training images, each scored by a bank fitted without it "
+                                             f"({len(new_scores)} of them from {new_images} images added by update)")

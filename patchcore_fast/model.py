@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import _checks, decision, workers
 from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
+from .coreset import distances_to_bank, greedy_coreset
 from .data import ImageData, count_images, iter_image_batches, prefetched
 from .errors import UserError
 from .index import FlatIndex, Index, build_index, for_run
@@ -183,8 +184,8 @@ class PatchCore:
             index = self.workers.index(rows, picks, self._build_index).to(self.device)
         scoring = self.scoring_module(index)
         decided = decision.Decision()
-        if features.dim() == 3 and cross_fitted_threshold:  # the threshold: cross-fitted on the training images
-            images = self.workers.total(len(features), "counting images")
+        images = self.workers.total(len(features), "counting images") if features.dim() == 3 else 0
+        if cross_fitted_threshold and self._folds_select(images):  # the threshold: cross-fitted on the training images
             with self.timings("threshold"), self._step("threshold (cross-fitted)") as bar:
                 normal = decision.cross_fitted_scores(
                     images, c.seed, lambda kept: self._fold_index(features, kept, index, space),
@@ -195,8 +196,76 @@ class PatchCore:
                     *decision.cross_fitted_threshold(normal, min(decision.FOLDS, images)))
         self.bank = MemoryBank(index, grid, c, decided)
         #: Images the bank was fitted on (None when fitted from pooled rows).
-        self.fitted_images = self.workers.total(len(features), "counting images") if features.dim() == 3 else None
+        self.fitted_images = images if features.dim() == 3 else None
         return self
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(self, data: ImageData) -> "PatchCore":
+        """Adds defect-free images without a refit: their patches join the bank by continuing the
+        greedy selection from the bank as it is (each new patch starts at its distance to the
+        nearest bank row, coreset.continued_coreset), int(new patches x coreset_ratio) of them, and
+        the old images are never read again. A cross-fitted threshold is updated the same way (the
+        new images cross-fitted against the old bank plus the other folds' picks, their scores added
+        to the old ones); a calibrated threshold is kept. One process only (not under torchrun)."""
+        self._check_update()
+        self.check_fit_size(count_images(data), "coreset_ratio (of the new images)")
+        return self.update_features(self.extract(data, "features (update)"))
+
+    def _check_update(self) -> None:
+        if self.bank is None:
+            raise UserError("fit() or PatchCore.load() first: update adds images to a fitted model")
+        if not isinstance(self.workers, workers.SingleProcess):
+            raise UserError("update runs in one process: run it without torchrun")
+
+    @torch.no_grad()
+    def update_features(self, features: torch.Tensor) -> "PatchCore":
+        """`update` from the new images' patch features [images, patches, dim] (from `extract`)."""
+        self._check_update()
+        c = self.config
+        rows = check_patch_features(features, c.embed_dim, self.bank.grid)
+        if features.dim() != 3 or len(features) == 0:
+            raise ValueError("update needs per-image features [images, patches, dim] of at least one image")
+        self.check_fit_size(len(features), "coreset_ratio (of the new images)")
+        old = self.bank.index.all_vectors().to(rows.device)
+        with self.timings("coreset"), tqdm(total=int(len(rows) * c.coreset_ratio), desc="coreset (update)",
+                                           unit="pick", disable=not self.options.progress) as bar:
+            space, start = distances_to_bank(rows, old, c.projection_dim, c.seed)  # kept for the folds
+            picks = self._continue(rows, space, start, lambda done: bar.update(done - bar.n))
+            bar.update(len(picks) - bar.n)
+        with self.timings("index"), self._step("search index"):
+            index = self._build_index(torch.cat([old, rows[picks]]).contiguous(), rows, picks).to(self.device)
+        decided = self.bank.decision
+        with self.timings("threshold"), self._step("threshold (cross-fitted)") as bar:
+            patches = features.shape[1]
+
+            def fold_index(kept: list[int]) -> Index:
+                at = (torch.tensor(kept, device=rows.device)[:, None] * patches
+                      + torch.arange(patches, device=rows.device)).reshape(-1)
+                fold_picks = at[self._continue(rows[at], space[at], start[at])]
+                return self._build_index(torch.cat([old, rows[fold_picks]]).contiguous(), like=index)
+
+            scoring = self.scoring_module(index)
+            new = None if not self._folds_select(len(features)) else decision.cross_fitted_scores(
+                len(features), c.seed, fold_index,
+                lambda fold, idx: scoring.patch_scores(features[fold].to(self.device), idx)[0], bar.update)
+        decided = decision.updated(decided, new, len(features))
+        self.bank = MemoryBank(index, self.bank.grid, c, decided)
+        #: Images the last update added.
+        self.added_images = len(features)
+        return self
+
+    def _continue(self, rows: torch.Tensor, space: torch.Tensor, start: torch.Tensor, progress=None) -> torch.Tensor:
+        """The continued greedy selection over `rows` (their selection space and distances to the bank)."""
+        return greedy_coreset(rows, self.config.coreset_ratio, projection_dim=self.config.projection_dim,
+                              seed=self.config.seed, initial_distances=start,
+                              cuda_kernel=self.options.coreset_cuda_kernel, progress=progress, space=space)
+
+    def _folds_select(self, images: int) -> bool:
+        """Whether cross-fitting `images` images can fit every fold: each keeps enough patches for
+        a coreset of at least one row (not so with a few images and a tiny ratio: then no threshold)."""
+        kept = decision.fewest_kept_images(images) * self.grid[0] * self.grid[1]
+        return images >= 2 and int(kept * self.config.coreset_ratio) >= 1
 
     def _fold_index(self, features: torch.Tensor, kept: list[int], whole: Index, space: torch.Tensor | None) -> Index:
         """A bank fitted as the model's own, on the images `kept` only (cross-fitting); its index
