@@ -3,10 +3,10 @@
 from ._version import __version__  # noqa: E402,F401
 
 from ._extension import build_info  # noqa: E402
-from .coreset import greedy_coreset  # noqa: E402
+from .coreset import continued_coreset, greedy_coreset  # noqa: E402
 from .knn import knn  # noqa: E402
 from .index import FlatIndex, Index, PrunedIndex  # noqa: E402
 from .model import PatchCore  # noqa: E402
 from .prediction import Prediction  # noqa: E402
 
-__all__ = ["FlatIndex", "Index", "PatchCore", "Prediction", "PrunedIndex", "build_info", "greedy_coreset", "knn"]
+__all__ = ["FlatIndex", "Index", "PatchCore", "Prediction", "PrunedIndex", "build_info", "continued_coreset", "greedy_coreset", "knn"]
