@@ -126,17 +126,19 @@ def cmd_predict(args) -> None:
     scale = decision.colour_scale()
     if scale is None:  # a model fitted from pooled features: no good-image scores to set a scale
         log.info("this model has no fixed colour scale (fitted from pooled features): each overlay uses its own range")
-    with _output_folder(folder) as out:
+    with _output_folder(folder) as out, open(out / "scores.csv", "w", newline="") as scores_csv:
         rows, names = [], set()
+        write_score = _scores_writer(scores_csv, decision)
         view_side = OVERLAY_MAX_SIDE if args.overlays == "original" else None
         for part, batch in model.predict_batches(paths, view_side=view_side):
             for i, source in enumerate(part.sources):
                 name = _overlay_name(Path(source), names)
                 _draw_overlay(out / name, model, args.overlays, part, batch, i, scale)
                 rows.append([str(source), float(part.scores[i]), name])
+                write_score(*rows[-1])
+            scores_csv.flush()  # written as it goes: an interrupted run keeps what it scored
         if not rows:
             raise ValueError("no images to score")
-        _write_scores(out / "scores.csv", rows, decision)
         from .report import predict_report
 
         config = model.config
@@ -197,16 +199,15 @@ def _draw_overlay(path: Path, model, overlays: str, part, batch, i: int, scale) 
     save_overlay(path, image, heat, low, high, mask, float(part.scores[i]), threshold)
 
 
-def _write_scores(path: Path, rows, decision) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        if decision.threshold is None:
-            writer.writerow(["path", "score", "overlay"])
-            writer.writerows([source, f"{score:.6f}", name] for source, score, name in rows)
-        else:  # normalised: 1.0 is the threshold
-            writer.writerow(["path", "score", "normalized_score", "is_anomalous", "overlay"])
-            writer.writerows([source, f"{score:.6f}", f"{score / decision.threshold:.6f}",
-                              int(score > decision.threshold), name] for source, score, name in rows)
+def _scores_writer(file, decision):
+    """Writes scores.csv's header to `file`; returns the function that writes one image's row."""
+    writer = csv.writer(file)
+    if decision.threshold is None:
+        writer.writerow(["path", "score", "overlay"])
+        return lambda source, score, name: writer.writerow([source, f"{score:.6f}", name])
+    writer.writerow(["path", "score", "normalized_score", "is_anomalous", "overlay"])  # 1.0 is the threshold
+    return lambda source, score, name: writer.writerow([source, f"{score:.6f}", f"{score / decision.threshold:.6f}",
+                                                        int(score > decision.threshold), name])
 
 
 def cmd_info(args) -> None:

@@ -295,10 +295,16 @@ class PatchCore:
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
-    def predict(self, data: ImageData, on_original: bool = False) -> Prediction:
+    def predict(self, data: ImageData, on_original: bool = False, maps: bool = True) -> Prediction:
         """Image scores [B] and pixel maps [B, S, S] for images in any form `fit` accepts. With
-        `on_original`, also each map drawn back on its own image (`Prediction.original_maps`)."""
-        prediction = Prediction.concat([part for part, _ in self.predict_batches(data)], self.bank.decision.threshold)
+        `on_original`, also each map drawn back on its own image (`Prediction.original_maps`).
+        `maps=False` keeps the scores only (4 bytes an image instead of 4 S^2: a folder of any size);
+        `predict_batches` hands each batch over as it is scored."""
+        _checks.boolean(maps, "maps")
+        if on_original and not maps:
+            raise ValueError("on_original draws the maps: it needs maps=True")
+        parts = [part if maps else dataclasses.replace(part, maps=None) for part, _ in self.predict_batches(data)]
+        prediction = Prediction.concat(parts, self.bank.decision.threshold)
         if on_original:
             prediction.original_maps = [self.transform.to_original(m, w, h)
                                         for m, (w, h) in zip(prediction.maps, prediction.sizes)]

@@ -10,7 +10,7 @@ import torch
 @dataclass
 class Prediction:
     scores: torch.Tensor  # [B] image anomaly scores
-    maps: torch.Tensor    # [B, image_size, image_size] pixel anomaly scores
+    maps: torch.Tensor | None  # [B, image_size, image_size] pixel anomaly scores (None: scores only)
     threshold: float | None = None  # the model's decision threshold, if it has one
     #: With predict(..., on_original=True): each map on its own image, [H_i, W_i], NaN where the
     #: model did not look (outside the centre crop).
@@ -37,5 +37,5 @@ class Prediction:
             raise ValueError("no images to score")
         joined = (lambda name: None if getattr(parts[0], name) is None else
                   [x for p in parts for x in getattr(p, name)])
-        return cls(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]), threshold,
-                   sources=joined("sources"), sizes=joined("sizes"))
+        maps = None if any(p.maps is None for p in parts) else torch.cat([p.maps for p in parts])
+        return cls(torch.cat([p.scores for p in parts]), maps, threshold, sources=joined("sources"), sizes=joined("sizes"))

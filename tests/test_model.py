@@ -256,3 +256,15 @@ def test_lite1_and_lite2_load_offline_with_stride_8_and_16_stages(name, layers, 
     assert [m.shape[1] for m in maps] == list(channels) and [64 // m.shape[-1] for m in maps] == [8, 16]
     with pytest.raises(ValueError, match=f"{name} has layers blocks.0 .. blocks.20"):
         load_backbone(name, layers=("blocks.21",))
+
+
+def test_predict_keeps_only_what_is_asked_for(lite0):
+    model = small_model(lite0).fit([texture(s, (64, 64)) for s in range(4)])
+    images = [texture(s, (64, 64)) for s in (20, 21, 22)]
+    full, scores_only = model.predict(images), model.predict(images, maps=False)
+    assert torch.equal(full.scores, scores_only.scores) and scores_only.maps is None and full.maps.shape == (3, 64, 64)
+    assert scores_only.sources == full.sources
+    with pytest.raises(ValueError, match="maps=True"):
+        model.predict(images, on_original=True, maps=False)
+    with pytest.raises(TypeError, match="maps"):
+        model.predict(images, maps="no")
