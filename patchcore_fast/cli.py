@@ -70,9 +70,14 @@ def cmd_fit(args) -> None:
     images, ignored = training_images(args.root, args.category)
     calibration = training_images(args.calibrate, None)[0] if args.calibrate else None
     defective = training_images(args.calibrate_defects, None)[0] if args.calibrate_defects else None
-    model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, **_model_args(args))
+    if args.tile_overlap and args.tile is None:
+        raise ValueError("--tile-overlap needs --tile SIZE")
+    model = PatchCore(coreset_ratio=args.ratio, progress=not args.quiet, tile=args.tile, tile_overlap=args.tile_overlap,
+                      **_model_args(args))
     model.check_fit_size(len(images), "--ratio")
-    log.info(f"fitting {_count(len(images), 'image file')} ({model.transform.describe()})"
+    seen = model.config.tiling.describe() + f", each resized to {model.config.image_size} x {model.config.image_size}" \
+        if model.config.tiling else model.transform.describe()
+    log.info(f"fitting {_count(len(images), 'image file')} ({seen})"
           + (f"; {ignored} other file(s) left alone" if ignored else ""))
     model.fit(images, cross_fitted_threshold=calibration is None)  # a calibration replaces it
     skipped = len(images) - model.fitted_images
@@ -182,16 +187,22 @@ def _draw_overlay(path: Path, model, overlays: str, part, batch, i: int, scale) 
     if not model.workers.is_main:
         return
     source, threshold = Path(part.sources[i]), part.threshold
-    low, high = scale or (float(part.maps[i].min()), float(part.maps[i].max()))
+    tiled = part.maps is None  # a tiled model's map covers the whole image already (tiling.py)
+    own = part.original_maps[i] if tiled else part.maps[i]
+    low, high = scale or (float(own.min()), float(own.max()))
     mask_path = mvtec_mask_path(source)
-    if overlays == "model":
+    if overlays == "model" and not tiled:
         mask = load_mask(TestImage(source, source.parent.name, mask_path), model.transform) if mask_path else None
         image = batch.images[i] if batch.images is not None else model.transform.image(open_image(source))
         save_overlay(path, image, part.maps[i], low, high, mask, float(part.scores[i]), threshold)
         return
     view = batch.views[i] if batch.views is not None else bounded(to_rgb(open_image(source)), OVERLAY_MAX_SIDE)
     width, height = part.sizes[i]
-    heat = model.transform.to_original(part.maps[i], width, height, out_size=view.size)
+    if tiled:
+        heat = torch.nn.functional.interpolate(own[None, None], size=(view.height, view.width), mode="bilinear",
+                                               align_corners=False)[0, 0]
+    else:
+        heat = model.transform.to_original(part.maps[i], width, height, out_size=view.size)
     mask = None
     if mask_path is not None:
         mask = torch.from_numpy(np.asarray(open_image(mask_path).convert("L").resize(view.size, Image.NEAREST)) > 127)
@@ -232,7 +243,8 @@ def cmd_info(args) -> None:
              ("backbone", f"{b.name} {list(b.layers)}, weights {b.weights}"
                           + (f" (sha256 {b.weights_sha256[:12]})" if b.weights_sha256 else "")),
              ("features", f"framing {c.framing}, {c.image_size} px" + (f" (resize {c.resize})" if c.framing == "center_crop"
-                          else "") + f", {c.embed_dim}-d, grid {state.grid[0]} x {state.grid[1]}"
+                          else "") + (f", {c.tiling.describe()}" if c.tiling else "")
+                          + f", {c.embed_dim}-d, grid {state.grid[0]} x {state.grid[1]}"
                           + (", bfloat16 backbone" if c.half_precision else "")),
              ("coreset", f"ratio {c.coreset_ratio:g}, projection {c.projection_dim}, seed {c.seed}"),
              ("scoring", f"k = {c.num_neighbors}" + (f", reweighted (Eq. 7, {c.reweight_neighbors} neighbours)"
@@ -376,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=float, default=0.99,
                    help="threshold = this quantile of the calibration images' scores, in (0, 1]")
     p.add_argument("--out", required=True, metavar="MODEL", help="the model file to write (e.g. model.pcf)")
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="cut each image into SIZE x SIZE px tiles, each seen at --image-size (high-resolution "
+                        "parts; the model keeps it, predict tiles alike)")
+    p.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="pixels neighbouring tiles share")
     model_options(p)
     p.set_defaults(run=cmd_fit)
 

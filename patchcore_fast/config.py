@@ -20,6 +20,7 @@ from .coreset import CUDA_KERNELS as CORESET_CUDA_KERNELS
 from .coreset import DEFAULT_CUDA_KERNEL as DEFAULT_CORESET_KERNEL
 from .data import FRAMINGS, Transform
 from .knn import CUDA_KERNELS as KNN_CUDA_KERNELS
+from .tiling import Tiling
 from .knn import DEFAULT_CUDA_KERNEL as DEFAULT_KNN_KERNEL
 
 
@@ -37,10 +38,12 @@ class PatchCoreConfig:
     reweight: bool = False        # the paper's Eq. 7
     reweight_neighbors: int = 9
     seed: int = 0                 # coreset projection and start
+    tile: int | None = None       # tiles of this many pixels, each seen at image_size (tiling.py); None: whole images
+    tile_overlap: int = 0         # pixels neighbouring tiles share
 
     #: The fields that change the patch features (a model with others needs other features).
     FEATURE_FIELDS: ClassVar[frozenset] = frozenset({"backbone", "framing", "image_size", "resize", "embed_dim",
-                                                     "half_precision"})
+                                                     "half_precision", "tile", "tile_overlap"})
 
     def __post_init__(self):
         ratio = self.coreset_ratio
@@ -56,6 +59,17 @@ class PatchCoreConfig:
             raise ValueError(f"framing must be one of {FRAMINGS}, got {self.framing!r}")
         if self.framing == "center_crop" and self.resize < self.image_size:
             raise ValueError(f"need image_size <= resize, got image_size={self.image_size}, resize={self.resize}")
+        if self.tile is not None:
+            Tiling(self.tile, self.tile_overlap)  # checks both
+            if self.framing != "whole":
+                raise ValueError("tile cuts the whole image into tiles: use it with framing='whole'")
+        elif self.tile_overlap != 0:
+            raise ValueError("tile_overlap needs tile")
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """How images are cut into tiles (None: each image is seen whole or centre-cropped)."""
+        return None if self.tile is None else Tiling(self.tile, self.tile_overlap)
 
     @property
     def transform(self) -> Transform:

@@ -85,13 +85,7 @@ class Transform:
 
     def tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] floats in [0, 1] (or [B, 1, H, W] grey) -> [B, 3, S, S]."""
-        if batch.dim() == 3:
-            batch = batch[None]
-        if batch.dim() != 4 or batch.shape[1] not in (1, 3, 4):
-            raise ValueError(f"image tensors must be [B, 3, H, W], got shape {tuple(batch.shape)}")
-        if not batch.is_floating_point():
-            raise TypeError(f"image tensors must be floats in [0, 1], got {batch.dtype}")
-        batch = batch[:, :3] if batch.shape[1] == 4 else batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+        batch = rgb_batch(batch)
         h, w = batch.shape[-2:]
         if self.framing == "whole":
             if (h, w) != (self.crop, self.crop):
@@ -122,8 +116,8 @@ class Transform:
         left, top, right, bottom = self.box(width, height)
         out_w, out_h = out_size or (width, height)
         sx, sy = out_w / width, out_h / height
-        rows = _resampling_matrix(out_h, view_map.shape[0], top * sy, bottom * sy)
-        cols = _resampling_matrix(out_w, view_map.shape[1], left * sx, right * sx)
+        rows = resampling_matrix(out_h, view_map.shape[0], top * sy, bottom * sy)
+        cols = resampling_matrix(out_w, view_map.shape[1], left * sx, right * sx)
         out = (rows.nan_to_num() @ view_map.double().cpu()).float() @ cols.nan_to_num().float().T
         out[rows[:, 0].isnan()] = float("nan")
         out[:, cols[:, 0].isnan()] = float("nan")
@@ -142,7 +136,7 @@ class Transform:
         return x[..., top : top + self.crop, left : left + self.crop]
 
 
-def _resampling_matrix(out_size: int, in_size: int, start: float, stop: float) -> torch.Tensor:
+def resampling_matrix(out_size: int, in_size: int, start: float, stop: float) -> torch.Tensor:
     """[out_size, in_size] bilinear weights (pixel centres, edges clamped) taking samples that span
     [start, stop) of the output axis onto it; rows of output pixels outside that span are NaN."""
     centres = torch.arange(out_size, dtype=torch.float64) + 0.5
@@ -311,6 +305,59 @@ def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bo
                                               views[batch_size:])
     if pending:
         yield Batch(torch.stack(pending), sizes, sources, views if view_side is not None else None)
+
+
+def rgb_batch(batch: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] (or one [3, H, W]) float images in [0, 1], grey and RGBA made RGB; else a clear error."""
+    if batch.dim() == 3:
+        batch = batch[None]
+    if batch.dim() != 4 or batch.shape[1] not in (1, 3, 4):
+        raise ValueError(f"image tensors must be [B, 3, H, W], got shape {tuple(batch.shape)}")
+    if not batch.is_floating_point():
+        raise TypeError(f"image tensors must be floats in [0, 1], got {batch.dtype}")
+    return batch[:, :3] if batch.shape[1] == 4 else batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One input image at its own size: 8-bit RGB (from a file or PIL image) or a float tensor [3, H, W]."""
+    image: Image.Image | torch.Tensor
+    size: tuple[int, int]        # (width, height)
+    source: Any                  # file path, or position among in-memory images
+    view: Image.Image | None     # with view_side: the image with its long side at most view_side
+
+
+def iter_decoded(data, skip_bad: bool = False, view_side: int | None = None) -> Iterator[Decoded]:
+    """Each image of `data` (any form iter_image_batches takes) decoded once, at its own size, one at
+    a time (for tiling: a large image is never framed whole). Unreadable files as in iter_image_batches."""
+    def tensors(batch, position):
+        batch = rgb_batch(batch)
+        for offset, image in enumerate(batch):
+            yield Decoded(image, (int(image.shape[-1]), int(image.shape[-2])), position + offset, None)
+
+    position = 0
+    if isinstance(data, torch.Tensor) or not isinstance(data, (str, Path, Image.Image, list, tuple)):
+        for item in [data] if isinstance(data, torch.Tensor) else (_loader_tensor(item) for item in data):
+            yield from tensors(item, position)
+            position += len(rgb_batch(item))
+        return
+    for item in expand_images(data):
+        if isinstance(item, torch.Tensor):
+            yield from tensors(item, position)
+            position += len(rgb_batch(item))
+            continue
+        try:
+            img = item if isinstance(item, Image.Image) else open_image(Path(item))
+        except ImageReadError as error:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
+            continue
+        rgb = to_rgb(img)
+        del img
+        source = position if isinstance(item, Image.Image) else Path(item)
+        yield Decoded(rgb, rgb.size, source, bounded(rgb, view_side) if view_side is not None else None)
+        position += 1
 
 
 def prefetched(items: Iterable, depth: int = 1) -> Iterator:

@@ -19,7 +19,7 @@ from . import _checks, decision, workers
 from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
 from .coreset import distances_to_bank, greedy_coreset
-from .data import ImageData, count_images, iter_image_batches, prefetched
+from .data import Batch, ImageData, count_images, iter_decoded, iter_image_batches, prefetched
 from .errors import UserError
 from .index import FlatIndex, Index, build_index, for_run
 from .index.pruned import left_out_probes
@@ -27,6 +27,7 @@ from .memory_bank import MemoryBank
 from .prediction import Prediction
 from .scoring import PatchFeatures, ScoringModule, check_patch_features, collect, prepared
 from .stages import StageTimes
+from .tiling import Stitcher, tile_views
 
 class PatchCore:
     """PatchCore as in the authors' released code (amazon-science/patchcore-inspection): WideResNet-50
@@ -40,7 +41,7 @@ class PatchCore:
                  framing: str = "whole", projection_dim: int | None = 128, num_neighbors: int = 1,
                  reweight: bool = False, image_size: int = 224, resize: int = 256, device: str | torch.device | None = None,
                  weights: str | None = None, embed_dim: int = 1024, seed: int = 0, reweight_neighbors: int = 9,
-                 half_precision: bool = False, **run_options):
+                 half_precision: bool = False, tile: int | None = None, tile_overlap: int = 0, **run_options):
         if isinstance(backbone, FeatureExtractor):
             if layers is not None or weights is not None:
                 raise ValueError("layers and weights belong to load_backbone when backbone is a loaded FeatureExtractor")
@@ -50,7 +51,8 @@ class PatchCore:
         config = PatchCoreConfig(backbone=extractor.spec, framing=framing, image_size=image_size, resize=resize,
                                  embed_dim=embed_dim, half_precision=bool(half_precision), coreset_ratio=coreset_ratio,
                                  projection_dim=projection_dim, num_neighbors=num_neighbors, reweight=reweight,
-                                 reweight_neighbors=reweight_neighbors, seed=seed)
+                                 reweight_neighbors=reweight_neighbors, seed=seed, tile=tile,
+                                 tile_overlap=tile_overlap)
         self._setup(config, extractor, RunOptions.from_arguments(device, run_options))
 
     @classmethod
@@ -143,8 +145,44 @@ class PatchCore:
 
     @torch.no_grad()
     def extract(self, data: ImageData, desc: str = "features") -> torch.Tensor:
-        """Patch features [images, patches, embed_dim] of images in any form `fit` accepts."""
+        """Patch features [images, patches, embed_dim] of images in any form `fit` accepts (a tiled
+        model: [images, tiles x patches, embed_dim], every image giving the same tiles)."""
+        if self.config.tiling is not None:
+            return self._extract_tiles(data, desc)
         return collect((self._embed_timed(b.images) for b in self._batches(data, desc)), count_images(data), self.device)
+
+    def _decoded(self, data: ImageData, desc: str, view_side: int | None = None):
+        """Each image decoded at its own size, one at a time, with a progress bar (tiled models)."""
+        self._one_process("tiles")
+        return tqdm(self.timings.iterate(iter_decoded(data, self.options.skip_bad_images, view_side), "decode"),
+                    desc=desc, total=count_images(data), disable=not self.options.progress, unit="image")
+
+    def _extract_tiles(self, data: ImageData, desc: str) -> torch.Tensor:
+        c, tiling = self.config, self.config.tiling
+        per_image, tiles = [], []
+        for item in self._decoded(data, desc):
+            per_image.append(torch.cat([self._embed_timed(views) for views in
+                                        tile_views(item.image, tiling, c.image_size, self.batch_size)]).reshape(-1, c.embed_dim))
+            tiles.append((item.source, item.size, tiling.count(*item.size)))
+        if len({count for *_, count in tiles}) > 1:
+            (a, size_a, n_a), (b, size_b, n_b) = tiles[0], next(t for t in tiles if t[2] != tiles[0][2])
+            raise ValueError(f"tiled fitting takes images of one size: {a} ({size_a[0]} x {size_a[1]} px) gives {n_a} "
+                             f"{tiling.describe()}, {b} ({size_b[0]} x {size_b[1]} px) gives {n_b}")
+        if not per_image:
+            return torch.empty(0, self.grid[0] * self.grid[1], c.embed_dim, device=self.device)
+        return torch.stack(per_image)
+
+    def _one_process(self, what: str) -> None:
+        if not isinstance(self.workers, workers.SingleProcess):
+            raise UserError(f"{what} run in one process: run without torchrun")
+
+    def _patch_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """The rows of per-image features [images, patches, dim] (or [rows, dim]); a tiled model's
+        images hold a whole number of tiles' patches."""
+        grid = self.grid
+        if self.config.tiling is not None and features.dim() == 3 and features.shape[1] % (grid[0] * grid[1]) == 0:
+            grid = (features.shape[1] // grid[1], grid[1])
+        return check_patch_features(features, self.config.embed_dim, grid)
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
@@ -172,7 +210,7 @@ class PatchCore:
         """Build the memory bank from patch features [images, patches, dim] (or [rows, dim]) from `extract`
         (`cross_fitted_threshold` as in `fit`)."""
         c, grid = self.config, self.grid
-        rows = check_patch_features(features, c.embed_dim, grid)
+        rows = self._patch_rows(features)
         size = int(self.workers.total(len(rows), "counting rows") * c.coreset_ratio)
         with self.timings("coreset"), tqdm(total=size, desc="coreset", unit="pick",
                                            disable=not self.options.progress) as bar:
@@ -215,15 +253,14 @@ class PatchCore:
     def _check_update(self) -> None:
         if self.bank is None:
             raise UserError("fit() or PatchCore.load() first: update adds images to a fitted model")
-        if not isinstance(self.workers, workers.SingleProcess):
-            raise UserError("update runs in one process: run it without torchrun")
+        self._one_process("updates")
 
     @torch.no_grad()
     def update_features(self, features: torch.Tensor) -> "PatchCore":
         """`update` from the new images' patch features [images, patches, dim] (from `extract`)."""
         self._check_update()
         c = self.config
-        rows = check_patch_features(features, c.embed_dim, self.bank.grid)
+        rows = self._patch_rows(features)
         if features.dim() != 3 or len(features) == 0:
             raise ValueError("update needs per-image features [images, patches, dim] of at least one image")
         self.check_fit_size(len(features), "coreset_ratio (of the new images)")
@@ -303,9 +340,10 @@ class PatchCore:
         _checks.boolean(maps, "maps")
         if on_original and not maps:
             raise ValueError("on_original draws the maps: it needs maps=True")
-        parts = [part if maps else dataclasses.replace(part, maps=None) for part, _ in self.predict_batches(data)]
+        parts = [part if maps else dataclasses.replace(part, maps=None, original_maps=None)
+                 for part, _ in self.predict_batches(data)]
         prediction = Prediction.concat(parts, self.bank.decision.threshold)
-        if on_original:
+        if on_original and prediction.original_maps is None:
             prediction.original_maps = [self.transform.to_original(m, w, h)
                                         for m, (w, h) in zip(prediction.maps, prediction.sizes)]
         return prediction
@@ -316,12 +354,32 @@ class PatchCore:
         number of images. `view_side`: each batch also carries its decoded images with the long side
         at most view_side (`Batch.views`; None under torchrun), to draw overlays without decoding again."""
         scoring = self.scoring_module()
+        if self.config.tiling is not None:
+            yield from self._predict_tiles(scoring, data, view_side)
+            return
         batches = self._batches(self.workers.scoring_share(data, self.batch_size), "scoring", view_side)
         shape = (self.grid[0] * self.grid[1], self.config.embed_dim)
         for features, batch in self.workers.feature_batches(batches, self._embed_timed, self.batch_size, shape):
             part = self._score(scoring, features)
             part.sources, part.sizes = batch.sources, batch.sizes
             yield part, batch
+
+    def _predict_tiles(self, scoring: ScoringModule, data: ImageData, view_side: int | None):
+        """predict_batches for a tiled model: one image at a time, its tiles in batches, its map
+        stitched on the whole image at the resolution the model saw it (tiling.py)."""
+        c, threshold = self.config, self.bank.decision.threshold
+        scale = min(1.0, c.image_size / c.tiling.side)
+        for item in self._decoded(data, "scoring", view_side):
+            stitcher, best = Stitcher(c.tiling, *item.size, scale), None
+            for views in tile_views(item.image, c.tiling, c.image_size, self.batch_size):
+                part = self._score(scoring, self._embed_timed(views))
+                with self.timings("maps"):
+                    stitcher.add(part.maps)
+                top = part.scores.max()
+                best = top if best is None else torch.maximum(best, top)
+            yield (Prediction(best.reshape(1), None, threshold, original_maps=[stitcher.result()], sources=[item.source],
+                              sizes=[item.size]),
+                   Batch(None, [item.size], [item.source], None if item.view is None else [item.view]))
 
     @torch.no_grad()
     def score(self, features: torch.Tensor, batch_size: int = 64) -> Prediction:

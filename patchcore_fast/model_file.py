@@ -1,7 +1,7 @@
 """The model file: one safetensors file holding a fitted model's state, with explicit migrations.
 
-Format 3 (written now): tensors "memory_bank" [M, D], "normal_scores" (optional) and the index's
-own tensors; JSON metadata {"format_version": 3, "patchcore_fast": version, "config": PatchCoreConfig,
+Format 4 (written now): tensors "memory_bank" [M, D], "normal_scores" (optional) and the index's
+own tensors; JSON metadata {"format_version": 4, "patchcore_fast": version, "config": PatchCoreConfig,
 "grid": [h, w], "decision": {"threshold", "threshold_source"}, "index": {"kind", ...}}.
 Older files are read by migrating their metadata one version at a time; each step says what that
 version meant. A key a file lacks is never filled with today's default.
@@ -25,7 +25,7 @@ from .config import PatchCoreConfig
 from .decision import Decision
 from .index import FlatIndex, Index, PrunedIndex
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def _from_1(meta: dict) -> dict:
@@ -50,8 +50,13 @@ def _from_2(meta: dict) -> dict:
             "decision": {"threshold": meta.get("threshold"), "threshold_source": meta.get("threshold_source")}}
 
 
+def _from_3(meta: dict) -> dict:
+    """Format 3 had no tiles: every image was seen whole or centre-cropped."""
+    return {**meta, "format_version": 4, "config": {**meta["config"], "tile": None, "tile_overlap": 0}}
+
+
 #: How to read each older format: a step to the next version.
-MIGRATIONS = {1: _from_1, 2: _from_2}
+MIGRATIONS = {1: _from_1, 2: _from_2, 3: _from_3}
 
 
 @dataclass(frozen=True)

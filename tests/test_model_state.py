@@ -190,7 +190,27 @@ def test_format_version_1_files_still_load(lite0, tmp_path):
     loaded = PatchCore.load(path, device="cpu", progress=False)
     assert loaded.config == model.config
     assert torch.equal(loaded.predict(texture_batch(range(10, 13))).scores, pred.scores)
-    assert FORMAT_VERSION == 3 and model_file.load(path).grid == (8, 8)
+    assert FORMAT_VERSION == 4 and model_file.load(path).grid == (8, 8)
+
+
+def test_format_version_3_files_load_without_tiles(lite0, tmp_path):
+    """Format 3 had no tiles: its config lacks tile and tile_overlap, and means whole images."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = small_model(lite0).fit(texture_batch(range(4)))
+    path = tmp_path / "v4.pcf"
+    model.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["patchcore_fast"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format_version"] == 4 and meta["config"]["tile"] is None
+    meta["format_version"] = 3
+    del meta["config"]["tile"], meta["config"]["tile_overlap"]
+    save_file(tensors, str(tmp_path / "v3.pcf"), metadata={"patchcore_fast": json.dumps(meta)})
+    loaded = PatchCore.load(tmp_path / "v3.pcf", device="cpu", progress=False)
+    assert loaded.config == model.config and loaded.config.tiling is None
+    assert model_file.load(tmp_path / "v3.pcf").file_format == 3
 
 
 def test_a_bank_streamed_into_the_file_reads_like_a_whole_one_and_a_share_reads_only_its_rows(lite0, tmp_path):
