@@ -173,9 +173,10 @@ def open_image(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large but allowed: fine
-            with Image.open(path) as img:
+            with open(path, "rb") as file:  # decoded once, in place (a copy would double a large image)
+                img = Image.open(file)
                 img.load()
-                return img.copy()
+                return img
     except Image.DecompressionBombError as error:
         raise ImageReadError(f"cannot read image {path}: it has more pixels than Pillow's safety limit of "
                              f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels (a guard against decompression bombs); "
