@@ -91,6 +91,9 @@ def test_a_tiled_model_scores_each_image_by_its_highest_tile(lite0):
     with pytest.raises(ValueError, match="images of one size"):
         tiled.with_settings().fit([texture(1, (150, 110)), texture(2, (300, 110))])
     assert tiled.predict([image], maps=False).original_maps is None
+    before = len(tiled.bank)
+    tiled.update([texture(s, (150, 110)) for s in (5, 6)])  # new images' tiles continue the selection
+    assert len(tiled.bank) == before + int(2 * tiled.config.tiling.count(150, 110) * 64 * 0.1)
 
 
 def test_an_image_of_one_tile_scores_as_the_whole_image_model(lite0):
