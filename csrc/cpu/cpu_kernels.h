@@ -7,6 +7,7 @@
 // Everything in this header has internal linkage or is a plain type, so translation units
 // compiled with different -m flags never share a function body (no ODR surprises).
 #pragma once
+#include <atomic>
 #include <cstdint>
 
 namespace patchcore::cpu {
@@ -126,7 +127,9 @@ struct Kernels {
   // (packed panels as for knn; each dot product one sequential sum).
   void (*project)(const float* rows, int64_t dim, int64_t lo, int64_t hi, const float* packed, int64_t panels,
                   float* out, int64_t out_stride);
-  void (*knn_pruned)(const PrunedKnn& search, int64_t block_lo, int64_t block_hi);
+  // Blocks are claimed one at a time from next_block until block_end: their costs differ
+  // (the rows each keeps), so a static split leaves a thread idle.
+  void (*knn_pruned)(const PrunedKnn& search, std::atomic<int64_t>& next_block, int64_t block_end);
   // Rows [lo, hi) of a layer's grid (image * height + y) / of the output grid.
   void (*embed_layer)(const EmbedLayer& layer, int64_t row_lo, int64_t row_hi);
   void (*resample_add)(const ResampleAdd& resample, int64_t row_lo, int64_t row_hi);

@@ -20,8 +20,18 @@ namespace patchcore {
 namespace cpu {
 
 void row_squared_norms(const float* x, int64_t rows, int64_t dim, float* out) {
+  // Each row's sum is one sequential chain of float additions; eight rows advance side by side
+  // so that eight chains are in flight (one chain waits on its adder's latency): the same floats.
+  constexpr int64_t kSide = 8;
   at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
+    int64_t i = lo;
+    for (; i + kSide <= hi; i += kSide) {
+      float acc[kSide] = {};
+      for (int64_t j = 0; j < dim; ++j)
+        for (int64_t r = 0; r < kSide; ++r) acc[r] += x[(i + r) * dim + j] * x[(i + r) * dim + j];
+      for (int64_t r = 0; r < kSide; ++r) out[i + r] = acc[r];
+    }
+    for (; i < hi; ++i) {
       float acc = 0.f;
       for (int64_t j = 0; j < dim; ++j) acc += x[i * dim + j] * x[i * dim + j];
       out[i] = acc;

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <initializer_list>
 #include <limits>
@@ -162,9 +163,18 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
   double* n64 = norm64.data_ptr<double>();
   double* mg = margin.data_ptr<double>();
   at::parallel_for(0, num_queries, 256, [&](int64_t lo, int64_t hi) {
+    // N_q, eight queries side by side (eight sequential chains in flight, each the same sum).
+    constexpr int64_t kSide = 8;
+    for (int64_t i0 = lo; i0 < hi; i0 += kSide) {
+      const int64_t side = std::min(kSide, hi - i0);
+      double acc[kSide] = {};
+      for (int64_t j = 0; j < dim; ++j)
+        for (int64_t r = 0; r < side; ++r) acc[r] += static_cast<double>(q[(i0 + r) * dim + j]) * q[(i0 + r) * dim + j];
+      for (int64_t r = 0; r < side; ++r) n64[i0 + r] = acc[r];
+    }
     for (int64_t i = lo; i < hi; ++i) {
-      double norm_sq = 0, first_sq = 0, projected_sq = 0;  // float products are exact in double
-      for (int64_t j = 0; j < dim; ++j) norm_sq += static_cast<double>(q[i * dim + j]) * q[i * dim + j];
+      const double norm_sq = n64[i];  // float products are exact in double
+      double first_sq = 0, projected_sq = 0;
       for (int64_t j = 0; j < rank; ++j) {
         const float yj = y[i * proj_stride + j];
         if (j < first) sc[i * screen_dim + j] = yj;
@@ -183,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
             cpu::search_bound::round_up(cpu::search_bound::residual_upper(norm_sq, std::sqrt(projected_sq), c));
         ex[i * extension_dim + rank - first + 1] = first_residual;
       }
-      n64[i] = norm_sq;
       mg[i] = cpu::search_bound::margin(std::sqrt(norm_sq), bank_norm_max, c, rank, first, dim, cascade);
     }
   });
@@ -259,7 +268,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> knn_pruned_cpu(
   const int64_t slab = std::max<int64_t>(8, (int64_t{1} << 35) / std::max<int64_t>(num_bank * dim, 1) / width);
   for (int64_t b0 = 0; b0 < blocks; b0 += slab) {
     const int64_t b1 = std::min(blocks, b0 + slab);
-    at::parallel_for(b0, b1, 1, [&](int64_t lo, int64_t hi) { kernels.knn_pruned(search, lo, hi); });
+    std::atomic<int64_t> next_block{b0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) kernels.knn_pruned(search, next_block, b1);
+    });
     if (progress && !progress(std::min(num_queries, b1 * width))) break;
   }
   // Distances computed, and extension terms screened: every row against a whole block's panel.

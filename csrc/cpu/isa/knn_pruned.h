@@ -306,7 +306,7 @@ struct PrunedBlock {
   }
 };
 
-void knn_pruned(const PrunedKnn& s, int64_t block_lo, int64_t block_hi) {
+void knn_pruned(const PrunedKnn& s, std::atomic<int64_t>& next_block, int64_t block_end) {
   const int64_t chunks = (s.num_bank + s.chunk_rows - 1) / s.chunk_rows;
   const int64_t chunk = s.chunk_rows < s.num_bank ? s.chunk_rows : s.num_bank;
   const int64_t pair = kPanel * s.k;
@@ -337,7 +337,7 @@ void knn_pruned(const PrunedKnn& s, int64_t block_lo, int64_t block_hi) {
   b.indices = b.threshold_rows + pair;
   b.best_rows = b.indices + pair;
   std::memset(b.stamp, 0xff, sizeof(int64_t) * s.num_bank);  // -1: never a tag
-  for (int64_t block = block_lo; block < block_hi; ++block) {
+  for (int64_t block; (block = next_block.fetch_add(1, std::memory_order_relaxed)) < block_end;) {
     s.extended_rows[block] = 0;
     s.exact_rows[block] = b.run(block * kPanel, block * chunks, &s.extended_rows[block]);
   }
