@@ -95,6 +95,9 @@ class PatchCoreConfig:
         return cls(**{**d, "backbone": BackboneSpec.from_dict(d["backbone"])})
 
 
+PREDICT_BANK = ("auto", "replicated", "sharded")
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How a model runs, without changing any result; not saved with it."""
@@ -106,6 +109,10 @@ class RunOptions:
     coreset_cuda_kernel: str = DEFAULT_CORESET_KERNEL  # CUDA variants: the same results (coreset.CUDA_KERNELS)
     knn_cuda_kernel: str = DEFAULT_KNN_KERNEL
     pruned_search: bool = True    # build a PrunedIndex when fitting on the CPU; used where it pays
+    #: Under torchrun, how predict meets a sharded bank: "replicated" (each rank copies the whole bank
+    #: once and scores its own images, no communication per query), "sharded" (queries travel to every
+    #: rank), "auto" (replicated when the bank fits: workers.REPLICA_MEMORY_SHARE).
+    predict_bank: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -116,6 +123,8 @@ class RunOptions:
             raise ValueError(f"knn_cuda_kernel must be one of {KNN_CUDA_KERNELS}, got {self.knn_cuda_kernel!r}")
         if not isinstance(self.pruned_search, bool):
             raise ValueError(f"pruned_search must be True or False, got {self.pruned_search!r}")
+        if self.predict_bank not in PREDICT_BANK:
+            raise ValueError(f"predict_bank must be one of {PREDICT_BANK}, got {self.predict_bank!r}")
 
     @classmethod
     def names(cls) -> set[str]:

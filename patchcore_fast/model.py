@@ -358,11 +358,24 @@ class PatchCore:
             yield from self._predict_tiles(scoring, data, view_side)
             return
         batches = self._batches(self.workers.scoring_share(data, self.batch_size), "scoring", view_side)
+        whole = self.workers.replica(self.bank.index, self.options.predict_bank, self._replica_index)
+        if whole is not None:  # each rank scores its own images against its copy of the bank
+            replica = self.scoring_module(whole)
+            scored = ((self._labelled(self._score(replica, self._embed_timed(b.images)), b), b) for b in batches)
+            yield from self.workers.gathered_predictions(scored, self.bank.decision.threshold)
+            return
         shape = (self.grid[0] * self.grid[1], self.config.embed_dim)
         for features, batch in self.workers.feature_batches(batches, self._embed_timed, self.batch_size, shape):
-            part = self._score(scoring, features)
-            part.sources, part.sizes = batch.sources, batch.sizes
-            yield part, batch
+            yield self._labelled(self._score(scoring, features), batch), batch
+
+    @staticmethod
+    def _labelled(part: Prediction, batch) -> Prediction:
+        part.sources, part.sizes = batch.sources, batch.sizes
+        return part
+
+    def _replica_index(self, rows: torch.Tensor, like: Index) -> Index:
+        with self.timings("index"):
+            return self._build_index(rows, like=like).to(self.device)
 
     def _predict_tiles(self, scoring: ScoringModule, data: ImageData, view_side: int | None):
         """predict_batches for a tiled model: one image at a time, its tiles in batches, its map

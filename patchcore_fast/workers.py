@@ -5,12 +5,15 @@ sharding lives here and in index.sharded.
 A worker set answers: which images this process embeds (`share`), the coreset picks over every
 process's rows (`coreset`), the index over the picked rows (`index`), a training image's features
 wherever they were computed (`image_features`), the test features every process scores
-(`feature_batches`), which rows of a model file this process reads (`load`) and who writes files (`save`).
+(`feature_batches`) or, with the bank copied to every process for predict (`replica`), the
+predictions every process made (`gathered_predictions`), which rows of a model file this process
+reads (`load`) and who writes files (`save`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from . import distributed, model_file
 from .coreset import greedy_coreset, selection_space
 from .errors import UserError
 from .index import FlatIndex, Index
+from .prediction import Prediction
 
 
 class SingleProcess:
@@ -58,6 +62,14 @@ class SingleProcess:
         """(features [b, patches, D], batch) for each batch, embedded by `embed`."""
         for batch in batches:
             yield embed(batch.images), batch
+
+    def replica(self, index: Index, choice: str, build) -> Index | None:
+        """The whole bank's index on this rank for predict (None: score through `index` itself)."""
+        return None
+
+    def gathered_predictions(self, scored, threshold):
+        """(Prediction, batch) of every rank's batches in the images' order: here, `scored` itself."""
+        yield from scored
 
     def load(self, path) -> model_file.ModelState:
         return model_file.load(path)
@@ -156,11 +168,11 @@ class ProcessGroup:
 
         from .data import Batch
 
-        batches = iter(batches)
+        batches, position = iter(batches), 0
         while True:
             batch = next(batches, None)
             local = embed(batch.images).cpu() if batch is not None else torch.empty(0, *feature_shape)
-            names = (batch.sizes, [str(s) for s in batch.sources]) if batch is not None else ([], [])
+            names = (batch.sizes, list(batch.sources)) if batch is not None else ([], [])
             counts = distributed.row_counts(len(local), "sharing features")
             if sum(counts) == 0:  # every rank has run out
                 return
@@ -171,7 +183,48 @@ class ProcessGroup:
             for owner, (count, (sizes, sources)) in enumerate(zip(counts, everyone)):
                 if count:
                     part = local if owner == rank else torch.empty(count, *feature_shape)
+                    sources = _global_positions(sources, position)
+                    position += count
                     yield distributed.broadcast(part, owner, "sharing features"), Batch(None, sizes, sources)
+
+    def replica(self, index: Index, choice: str, build) -> Index | None:
+        """For predict, when `choice` says so ("replicated", or "auto" and the whole bank fits every
+        rank: REPLICA_MEMORY_SHARE): the whole bank gathered once onto this rank, under the index
+        `build(rows, like)` makes of it (this rank's shard's choices), so that each rank scores its
+        own images with no communication per query. None: keep the bank sharded (queries travel)."""
+        if choice == "sharded":
+            return None
+        if choice == "auto":
+            needed = REPLICA_OVERHEAD * len(index) * index.dim * 4
+            fits = torch.tensor([needed <= REPLICA_MEMORY_SHARE * available_memory(index.vectors.device)])
+            if not all(bool(f) for f in distributed.all_gather(fits, "deciding where the bank lives")):
+                return None
+        return build(index.all_vectors().to(index.vectors.device), index.local)
+
+    def gathered_predictions(self, scored, threshold):
+        """Step by step, every rank scores its next batch of its `scoring_share` (or none once it has
+        run out); every rank's results (scores and maps, not features) then go to every rank, in
+        rank order (the images' order), like `feature_batches`."""
+        import torch.distributed as dist
+
+        from .data import Batch
+
+        scored, position = iter(scored), 0
+        while True:
+            done = next(scored, None)
+            mine = None if done is None else (done[0].scores.cpu(), done[0].maps.cpu(), done[0].sizes,
+                                               list(done[0].sources))
+            everyone = [None] * dist.get_world_size()
+            with distributed.collective("sharing predictions"):
+                dist.all_gather_object(everyone, mine)
+            if all(part is None for part in everyone):
+                return
+            for part in everyone:
+                if part is not None:
+                    scores, maps, sizes, sources = part
+                    sources = _global_positions(sources, position)
+                    position += len(sources)
+                    yield Prediction(scores, maps, threshold, sources=sources, sizes=sizes), Batch(None, sizes, sources)
 
     def load(self, path) -> model_file.ModelState:
         """The model with this rank's contiguous share of the bank: only those rows are read."""
@@ -206,6 +259,36 @@ class ProcessGroup:
 
 #: Bank rows sent to the writing rank at a time when a sharded model is saved.
 SAVE_CHUNK_ROWS = 8192
+
+#: predict_bank="auto" replicates the bank when REPLICA_OVERHEAD x its float32 rows (the rows, the
+#: pruned index's screens and codes, the gather's buffers) fit in this share of the memory the
+#: device has free: the rest is the backbone's, the batches' and the caller's.
+REPLICA_MEMORY_SHARE = 0.25
+REPLICA_OVERHEAD = 2.0
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on `device` (a CUDA device's free memory; on the CPU the system's available
+    memory, or 0 where it cannot be read: then nothing is replicated)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _global_positions(sources: list, first: int) -> list:
+    """A rank's sources with in-memory images' positions (ints, counted within the rank's share)
+    made positions in the caller's data: the batches come in the images' order from `first` on."""
+    return [first + n if isinstance(s, int) else s for n, s in enumerate(sources)]
 
 
 def _empty(like: torch.Tensor) -> Index:

@@ -6,6 +6,7 @@ RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT in the environment).
 Each rank writes what it computed to OUT_DIR/rank<r>.pt for the test to compare with one process.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -89,8 +90,12 @@ def main(scenario: str, out: Path) -> None:
     elif scenario in ("images", "tire"):  # fit and predict from images, each rank embedding its share
         train, test = (texture_batch(TRAIN), texture_batch(TEST)) if scenario == "images" else tire_slice()
         model = small_model().fit(train)
-        prediction = model.predict(test)
-        result.update(scores=prediction.scores, maps=prediction.maps)
+        prediction = model.predict(test)  # "auto": a small bank is copied to every rank
+        result.update(scores=prediction.scores, maps=prediction.maps, sources=[str(s) for s in prediction.sources])
+        for choice in ("replicated", "sharded"):  # each way of meeting the sharded bank
+            model.options = dataclasses.replace(model.options, predict_bank=choice)
+            prediction = model.predict(test)
+            result.update({f"scores_{choice}": prediction.scores, f"maps_{choice}": prediction.maps})
     elif scenario == "die_saving":  # rank 1 dies when the bank is gathered for writing
         model = small_model().fit(texture_batch(TRAIN))
         if rank == 1:

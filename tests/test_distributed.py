@@ -119,6 +119,9 @@ def test_fit_and_predict_from_images_on_two_ranks_like_one(tmp_path, data):
     for ranks in (2, 3):
         for r in run_ranks(ranks, data, tmp_path / str(ranks)):
             assert torch.equal(r["scores"], one["scores"]) and torch.equal(r["maps"], one["maps"])
+            assert r["sources"] == one["sources"]
+            for choice in ("replicated", "sharded"):  # the bank copied to every rank, or queries travelling
+                assert torch.equal(r[f"scores_{choice}"], one["scores"]) and torch.equal(r[f"maps_{choice}"], one["maps"])
 
 
 @pytest.mark.parametrize("scenario", ["die", "die_saving", "hang"])
