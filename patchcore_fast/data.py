@@ -282,15 +282,9 @@ def iter_image_batches(data, transform: Transform, batch_size: int, skip_bad: bo
             sources += list(range(position, position + len(framed)))
             position += len(framed)
         else:
-            try:
-                img = item if isinstance(item, Image.Image) else open_image(Path(item))
-            except ImageReadError as error:
-                if not skip_bad:
-                    raise
-                warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
+            rgb = _readable_rgb(item, skip_bad)
+            if rgb is None:
                 continue
-            rgb = to_rgb(img)
-            del img  # a large image is held once
             pending.append(transform.framed(rgb))
             sizes.append(rgb.size)
             sources.append(position if isinstance(item, Image.Image) else Path(item))
@@ -328,6 +322,19 @@ class Decoded:
     view: Image.Image | None     # with view_side: the image with its long side at most view_side
 
 
+def _readable_rgb(item, skip_bad: bool) -> Image.Image | None:
+    """A file path's or PIL image's pixels as 8-bit RGB (to_rgb); None for an unreadable file
+    skipped with a warning when `skip_bad` (else its ImageReadError)."""
+    try:
+        img = item if isinstance(item, Image.Image) else open_image(Path(item))
+    except ImageReadError as error:
+        if not skip_bad:
+            raise
+        warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=3)
+        return None
+    return to_rgb(img)  # the decoded file is dropped here: a large image is held once
+
+
 def iter_decoded(data, skip_bad: bool = False, view_side: int | None = None) -> Iterator[Decoded]:
     """Each image of `data` (any form iter_image_batches takes) decoded once, at its own size, one at
     a time (for tiling: a large image is never framed whole). Unreadable files as in iter_image_batches."""
@@ -347,15 +354,9 @@ def iter_decoded(data, skip_bad: bool = False, view_side: int | None = None) -> 
             yield from tensors(item, position)
             position += len(rgb_batch(item))
             continue
-        try:
-            img = item if isinstance(item, Image.Image) else open_image(Path(item))
-        except ImageReadError as error:
-            if not skip_bad:
-                raise
-            warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
+        rgb = _readable_rgb(item, skip_bad)
+        if rgb is None:
             continue
-        rgb = to_rgb(img)
-        del img
         source = position if isinstance(item, Image.Image) else Path(item)
         yield Decoded(rgb, rgb.size, source, bounded(rgb, view_side) if view_side is not None else None)
         position += 1
