@@ -23,7 +23,11 @@ log = logging.getLogger("patchcore_fast")
 
 def _model_args(args) -> dict:
     # Layer names go to the backbone as given; backbones.normalise_layers reads plain numbers as layerN.
-    return dict(backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, framing=args.framing,
+    backbone = args.backbone[0] if len(args.backbone) == 1 else args.backbone  # several: an ensemble
+    if not isinstance(backbone, str) and (args.layers or args.weights):
+        raise ValueError("--layers and --weights are per backbone: an ensemble (several --backbone) uses each "
+                         "backbone's defaults")
+    return dict(backbone=backbone, layers=tuple(args.layers) if args.layers else None, framing=args.framing,
                 image_size=args.image_size, resize=args.resize, device=args.device, weights=args.weights,
                 skip_bad_images=args.skip_bad_images, pruned_search=not args.brute_force_search,
                 batch_size=args.batch_size)
@@ -82,12 +86,12 @@ def cmd_fit(args) -> None:
     model.fit(images, cross_fitted_threshold=calibration is None)  # a calibration replaces it
     skipped = len(images) - model.fitted_images
     log.info(f"fitted on {_count(model.fitted_images, 'image')}" + (f" ({skipped} skipped)" if skipped else "")
-          + f": memory bank {len(model.bank):,} x {model.config.embed_dim}; {_stages(model.timings)}")
+          + f": memory bank {model.bank_rows:,} x {model.config.embed_dim}; {_stages(model.timings)}")
     if calibration is not None:
         model.calibrate(calibration, args.quantile, defective)
-        log.info(f"threshold {model.bank.decision.threshold:.6g}: {model.bank.decision.threshold_source}")
+        log.info(f"threshold {model.decision.threshold:.6g}: {model.decision.threshold_source}")
     model.save(out)  # under torchrun: rank 0 writes the whole bank
-    log.info(f"saved {out} ({model.config.backbone.name}, framing {model.config.framing})")
+    log.info(f"saved {out} ({model.backbone_name}, framing {model.config.framing})")
 
 
 def cmd_update(args) -> None:
@@ -98,14 +102,14 @@ def cmd_update(args) -> None:
     images, ignored = training_images(args.images, None)
     model = PatchCore.load(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size,
                            skip_bad_images=args.skip_bad_images)
-    before = len(model.bank)
+    before = model.bank_rows
     log.info(f"adding {_count(len(images), 'image file')} to {args.model} (bank {before:,} rows)"
              + (f"; {ignored} other file(s) left alone" if ignored else ""))
     model.update(images)
     skipped = len(images) - model.added_images
-    d = model.bank.decision
+    d = model.decision
     log.info(f"added {_count(model.added_images, 'image')}" + (f" ({skipped} skipped)" if skipped else "")
-             + f": memory bank {before:,} -> {len(model.bank):,} rows; {_stages(model.timings)}")
+             + f": memory bank {before:,} -> {model.bank_rows:,} rows; {_stages(model.timings)}")
     log.info("threshold " + ("none" if d.threshold is None else f"{d.threshold:.6g}: {d.threshold_source}"))
     model.save(out)
     log.info(f"saved {out}")
@@ -127,7 +131,7 @@ def cmd_predict(args) -> None:
     paths = image_paths(args.images)
     model = PatchCore.load(args.model, device=args.device, progress=not args.quiet,
                            skip_bad_images=args.skip_bad_images, batch_size=args.batch_size)
-    decision = model.bank.decision
+    decision = model.decision
     scale = decision.colour_scale()
     if scale is None:  # a model fitted from pooled features: no good-image scores to set a scale
         log.info("this model has no fixed colour scale (fitted from pooled features): each overlay uses its own range")
@@ -149,8 +153,8 @@ def cmd_predict(args) -> None:
         config = model.config
         predict_report(out / "report.html", rows, decision.threshold, decision.threshold_source,
                        {"model": Path(args.model).resolve(), "images": ", ".join(map(str, args.images)),
-                        "backbone": config.backbone.name, "framing": config.framing,
-                        "coreset ratio": config.coreset_ratio, "bank rows": len(model.bank.index),
+                        "backbone": model.backbone_name, "framing": config.framing,
+                        "coreset ratio": config.coreset_ratio, "bank rows": model.bank_rows,
                         "overlays": args.overlays, "device": model.device})
     if not model.workers.is_main:
         return
@@ -226,36 +230,53 @@ def cmd_info(args) -> None:
     from ._version import __version__
 
     state = model_file.load(args.model)  # the file alone: no backbone weights needed
-    c, index, d = state.config, state.index, state.decision
-    b = c.backbone
     size = Path(args.model).stat().st_size
+    lines = [("model", f"{args.model} ({size / 1e6:.1f} MB)"),
+             ("file format", f"{state.file_format} (written by patchcore_fast {state.written_by or 'unknown'}; "
+                             f"this is {__version__})")]
+    if isinstance(state, model_file.EnsembleState):
+        lines.append(("ensemble", f"{len(state.members)} members; scores averaged after dividing each member's by "
+                                  "the mean cross-fitted score of its training images"))
+        for i, (member, scale) in enumerate(zip(state.members, state.normalisation)):
+            lines += [(f"member {i} {key}", value) for key, value in _model_lines(member)]
+            lines.append((f"member {i} normalised", f"score / {scale:.6g}"))
+    else:
+        lines += _model_lines(state)
+    lines += _decision_lines(state.decision)
+    width = max(len(k) for k, _ in lines)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
+
+
+def _model_lines(state) -> list[tuple[str, str]]:
+    """What one model of a file holds (cmd_info), but its decision."""
+    c, index = state.config, state.index
+    b = c.backbone
     if getattr(index, "bank_extension", None) is not None:
         search = f"pruned, cascade of {index.first_rank} then {index.rank} directions"
     elif index.kind == "pruned":
         search = f"pruned, {index.rank} directions" + ("" if index.pays else " (not used: pruning did not pay)")
     else:
         search = "flat (brute force)"
+    return [("backbone", f"{b.name} {list(b.layers)}, weights {b.weights}"
+                         + (f" (sha256 {b.weights_sha256[:12]})" if b.weights_sha256 else "")),
+            ("features", f"framing {c.framing}, {c.image_size} px" + (f" (resize {c.resize})" if c.framing == "center_crop"
+                         else "") + (f", {c.tiling.describe()}" if c.tiling else "")
+                         + f", {c.embed_dim}-d, grid {state.grid[0]} x {state.grid[1]}"
+                         + (", bfloat16 backbone" if c.half_precision else "")),
+            ("coreset", f"ratio {c.coreset_ratio:g}, projection {c.projection_dim}, seed {c.seed}"),
+            ("scoring", f"k = {c.num_neighbors}" + (f", reweighted (Eq. 7, {c.reweight_neighbors} neighbours)"
+                                                    if c.reweight else "")),
+            ("bank", f"{len(index):,} rows x {c.embed_dim}; search index {search}")]
+
+
+def _decision_lines(d) -> list[tuple[str, str]]:
     threshold = ("none (scores only; calibrate to set one)" if d.threshold is None
                  else f"{d.threshold:.6g} ({d.threshold_source})")
-    lines = [("model", f"{args.model} ({size / 1e6:.1f} MB)"),
-             ("file format", f"{state.file_format} (written by patchcore_fast {state.written_by or 'unknown'}; "
-                             f"this is {__version__})"),
-             ("backbone", f"{b.name} {list(b.layers)}, weights {b.weights}"
-                          + (f" (sha256 {b.weights_sha256[:12]})" if b.weights_sha256 else "")),
-             ("features", f"framing {c.framing}, {c.image_size} px" + (f" (resize {c.resize})" if c.framing == "center_crop"
-                          else "") + (f", {c.tiling.describe()}" if c.tiling else "")
-                          + f", {c.embed_dim}-d, grid {state.grid[0]} x {state.grid[1]}"
-                          + (", bfloat16 backbone" if c.half_precision else "")),
-             ("coreset", f"ratio {c.coreset_ratio:g}, projection {c.projection_dim}, seed {c.seed}"),
-             ("scoring", f"k = {c.num_neighbors}" + (f", reweighted (Eq. 7, {c.reweight_neighbors} neighbours)"
-                                                     if c.reweight else "")),
-             ("bank", f"{len(index):,} rows x {c.embed_dim}; search index {search}"),
-             ("threshold", threshold)]
+    lines = [("threshold", threshold)]
     if d.normal_scores is not None:
         lines.append(("good scores", f"{len(d.normal_scores)} training images scored without their own patches: "
                                      f"median {float(d.normal_scores.median()):.6g}, highest {float(d.normal_scores.max()):.6g}"))
-    width = max(len(k) for k, _ in lines)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
+    return lines
 
 
 def cmd_export(args) -> None:
@@ -360,9 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def model_options(p, ratio=True, framing="whole"):
-        p.add_argument("--backbone", default="efficientnet_lite0",
+        p.add_argument("--backbone", nargs="+", default=["efficientnet_lite0"], metavar="NAME",
                        help="efficientnet_lite0, _lite1 or _lite2 (offline ImageNet weights) or a torchvision model, "
-                            "e.g. wide_resnet50_2 (the paper's)")
+                            "e.g. wide_resnet50_2 (the paper's); several: an ensemble of one model per backbone, "
+                            "scores averaged after normalising each by its training images' scores")
         p.add_argument("--framing", choices=("whole", "center_crop"), default=framing,
                        help="whole image resized to the model's square, or the MVTec AD resize + centre crop")
         p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files with a warning")

@@ -83,6 +83,20 @@ def f1_threshold(good_scores: torch.Tensor, defective_scores: torch.Tensor) -> t
                        "defective images")
 
 
+def calibrated(current: Decision, image_scores, good_images, quantile: float,
+               defective_images=None) -> Decision:
+    """`current` with the threshold `calibrate` sets: the `quantile` of the scores of good images
+    the model was not fitted on or, given labelled defective images too, the F1-optimal threshold
+    on both. `image_scores(images)` scores images in any form predict takes."""
+    quantile = check_quantile(quantile)
+    good = image_scores(good_images)
+    if defective_images is not None:
+        threshold, source = f1_threshold(good, image_scores(defective_images))
+    else:
+        threshold, source = quantile_threshold(good, quantile)
+    return current.with_threshold(threshold, source)
+
+
 def cross_fitted_scores(num_images: int, seed: int, fold_index, score_images, progress=None) -> torch.Tensor | None:
     """Image scores of up to FOLDS x IMAGES_PER_FOLD training images, each scored against a bank
     fitted without its fold: `fold_index(kept_images)` fits one (a list of image numbers in, an

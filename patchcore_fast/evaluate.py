@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import MVTecCategory, load_mask
 from .decision import quantile_threshold
+from .ensemble import PatchCoreEnsemble
 from .model import PatchCore
 from .overlay import save_overlays
 from .report import CategoryResult, evaluate_report, thin
@@ -27,14 +28,16 @@ PRO_FPR_LIMIT = 0.3
 STAGES = ("features", "coreset", "index", "threshold", "search", "maps", "metrics")
 
 
-def method_name(ratio: float) -> str:
-    return f"PatchCore-{ratio * 100:g}"
+def method_name(ratio: float, model=None) -> str:
+    """The paper's name (PatchCore-10 for a 10 % coreset), with an ensemble's members: PatchCore-10 Lite0+Lite2."""
+    suffix = f" {model.method_suffix}" if isinstance(model, PatchCoreEnsemble) else ""
+    return f"PatchCore-{ratio * 100:g}{suffix}"
 
 
 def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, progress: bool = True,
                       **model_args) -> tuple[list[dict], list[dict]]:
     """Fit each coreset ratio on train/good and score test/*. Features are extracted once and shared
-    by the ratios. Returns result rows (metrics in percent) and timing rows (seconds per stage)."""
+    by the ratios. A list of backbones evaluates their ensemble (ensemble.py). Returns result rows (metrics in percent) and timing rows (seconds per stage)."""
     data = MVTecCategory.open(root, category)
     # The paper's protocol (resize + centre crop) unless asked otherwise, so tables stay comparable.
     model_args.setdefault("framing", "center_crop")
@@ -55,7 +58,7 @@ def evaluate_category(root, category: str, ratios, out_dir: Path | None = None, 
         pred = model.score(test)
         start = time.perf_counter()
         threshold, source = calibrated_threshold(model, validation)
-        row = {"method": method_name(ratio), "category": category,
+        row = {"method": method_name(ratio, model), "category": category,
                "image_auroc": 100 * metrics.auroc(pred.scores, labels),
                "f1": math.nan if threshold is None else 100 * f1_score(pred.scores > threshold, labels)}
         curve = None
@@ -91,7 +94,7 @@ def calibrated_threshold(model: PatchCore, validation: torch.Tensor | None) -> t
     if validation is not None:
         threshold, source = quantile_threshold(model.score(validation).scores, CALIBRATION_QUANTILE)
         return threshold, source.replace("good images", "validation/good images")
-    own = model.bank.decision  # cross-fitted on the training images (decision.py)
+    own = model.decision  # cross-fitted on the training images (decision.py)
     return own.threshold, own.threshold_source or "none"
 
 
@@ -104,7 +107,7 @@ def f1_score(flagged: torch.Tensor, labels: torch.Tensor) -> float:
 def write_overlays(out_dir: Path, category: str, model: PatchCore, data: MVTecCategory, pred, masks) -> list[str]:
     """Overlays of the test images in out_dir/overlays/CATEGORY; returns their paths relative to out_dir."""
     # the model's fixed scale: 0 to the highest good-image score; without one, this run's range
-    low, high = model.bank.decision.colour_scale() or (float(pred.maps.min()), float(pred.maps.max()))
+    low, high = model.decision.colour_scale() or (float(pred.maps.min()), float(pred.maps.max()))
     names = [f"{item.defect}_{item.path.stem}.png" for item in data.test]
     save_overlays(out_dir / "overlays" / category, [item.path for item in data.test], names,
                   pred.maps, [masks[i] if item.is_anomalous else None for i, item in enumerate(data.test)],

@@ -25,11 +25,11 @@ SCORE_TOLERANCE = 1e-4
 
 def exportable(model) -> nn.Module:
     """The model's scoring module as plain float32 torch operators on the CPU (scoring.py: the one
-    predict runs, with its index as a matrix product and a min)."""
+    predict runs, with its index as a matrix product and a min; an ensemble's members' together)."""
     if model.config.reweight:
         raise UserError("export: models with re-weighting (reweight=True, Eq. 7) are not exported; "
                         "fit with reweight=False")
-    return model.scoring_module().exportable()
+    return model.exportable()
 
 
 def example_batch(model, batch: int = 2) -> torch.Tensor:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import _checks, decision, workers
+from . import _checks, decision, model_file, workers
 from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
 from .coreset import distances_to_bank, greedy_coreset
@@ -24,7 +24,7 @@ from .errors import UserError
 from .index import FlatIndex, Index, build_index, for_run
 from .index.pruned import left_out_probes
 from .memory_bank import MemoryBank
-from .prediction import Prediction
+from .prediction import Prediction, gathered
 from .scoring import PatchFeatures, ScoringModule, check_patch_features, collect, prepared
 from .stages import StageTimes
 from .tiling import Stitcher, tile_views
@@ -35,6 +35,16 @@ class PatchCore:
     projection, nearest-neighbour squared L2 scores, image score = largest patch score, maps
     upsampled and smoothed with sigma 4. Settings that change results form `config`
     (PatchCoreConfig, saved with the model); the others are run-time `options` (RunOptions)."""
+
+    def __new__(cls, backbone: str | FeatureExtractor | list[str] | tuple[str, ...] = "wide_resnet50_2", *args,
+                **kwargs):
+        # A list of backbones makes the paper's ensemble (ensemble.py builds on this class, hence
+        # the import here); Python then skips __init__, as the object is not a PatchCore.
+        if isinstance(backbone, (list, tuple)):
+            from .ensemble import PatchCoreEnsemble
+
+            return PatchCoreEnsemble(backbone, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, backbone: str | FeatureExtractor = "wide_resnet50_2",
                  layers: tuple[str, ...] | list[str] | None = None, coreset_ratio: float = 0.1,
@@ -89,6 +99,15 @@ class PatchCore:
         return model
 
     device = property(lambda self: self.options.device)
+    decision = property(lambda self: None if self.bank is None else self.bank.decision,
+                        doc="the threshold and the good images' scores (decision.py); None before fit")
+    backbone_name = property(lambda self: self.config.backbone.name)
+
+    @property
+    def bank_rows(self) -> int:
+        """Rows of the memory bank (all ranks' under torchrun)."""
+        self._check_fitted()
+        return len(self.bank)
     batch_size = property(lambda self: self.options.batch_size)
     extractor = property(lambda self: self.features.extractor)
     memory_bank = property(lambda self: None if self.bank is None else self.bank.features, doc="bank rows [M, D]")
@@ -250,6 +269,10 @@ class PatchCore:
         self.check_fit_size(count_images(data), "coreset_ratio (of the new images)")
         return self.update_features(self.extract(data, "features (update)"))
 
+    def _check_fitted(self) -> None:
+        if self.bank is None:
+            raise UserError("fit() or PatchCore.load() first: the model has no memory bank")
+
     def _check_update(self) -> None:
         if self.bank is None:
             raise UserError("fit() or PatchCore.load() first: update adds images to a fitted model")
@@ -324,11 +347,15 @@ class PatchCore:
 
     def scoring_module(self, index: Index | None = None) -> ScoringModule:
         """The scoring path (scoring.py) over `index` (default: the fitted bank's)."""
-        if index is None and self.bank is None:
-            raise UserError("fit() or PatchCore.load() first: the model has no memory bank")
+        if index is None:
+            self._check_fitted()
         c = self.config
         return ScoringModule(self.features, self.bank.index if index is None else index, c.image_size,
                              c.num_neighbors, c.reweight, c.reweight_neighbors)
+
+    def exportable(self):
+        """The scoring path as plain float32 torch operators on the CPU (export.py)."""
+        return self.scoring_module().exportable()
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
@@ -337,16 +364,9 @@ class PatchCore:
         `on_original`, also each map drawn back on its own image (`Prediction.original_maps`).
         `maps=False` keeps the scores only (4 bytes an image instead of 4 S^2: a folder of any size);
         `predict_batches` hands each batch over as it is scored."""
-        _checks.boolean(maps, "maps")
-        if on_original and not maps:
-            raise ValueError("on_original draws the maps: it needs maps=True")
-        parts = [part if maps else dataclasses.replace(part, maps=None, original_maps=None)
-                 for part, _ in self.predict_batches(data)]
-        prediction = Prediction.concat(parts, self.bank.decision.threshold)
-        if on_original and prediction.original_maps is None:
-            prediction.original_maps = [self.transform.to_original(m, w, h)
-                                        for m, (w, h) in zip(prediction.maps, prediction.sizes)]
-        return prediction
+        self._check_fitted()
+        return gathered(self.predict_batches(data), self.bank.decision.threshold, self.transform.to_original,
+                        on_original, maps)
 
     @torch.no_grad()
     def predict_batches(self, data: ImageData, view_side: int | None = None) -> Iterator[Prediction]:
@@ -413,13 +433,10 @@ class PatchCore:
         """Sets the decision threshold, saved with the model: the `quantile` of the scores of
         defect-free images the model was not fitted on, or, given labelled `defective_images` too,
         the F1-optimal threshold on both (decision.py)."""
-        quantile = decision.check_quantile(quantile)
-        good = self.predict(good_images).scores
-        if defective_images is not None:
-            threshold, source = decision.f1_threshold(good, self.predict(defective_images).scores)
-        else:
-            threshold, source = decision.quantile_threshold(good, quantile)
-        self.bank = self.bank.with_decision(self.bank.decision.with_threshold(threshold, source))
+        self._check_fitted()
+        calibrated = decision.calibrated(self.bank.decision, lambda images: self.predict(images, maps=False).scores,
+                                         good_images, quantile, defective_images)
+        self.bank = self.bank.with_decision(calibrated)
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -430,9 +447,20 @@ class PatchCore:
         self.workers.save(path, self.config, self.bank.grid, self.bank.index, self.bank.decision)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, **run_options) -> "PatchCore":
-        """A fitted model from `save`'s file; refuses changed backbone weights and unknown format versions."""
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, **run_options):
+        """A fitted model from `save`'s file (a PatchCoreEnsemble from an ensemble's); refuses
+        changed backbone weights and unknown format versions."""
         state = workers.current().load(path)  # under torchrun: this rank's share of the bank
+        if isinstance(state, model_file.EnsembleState):
+            from .ensemble import PatchCoreEnsemble
+
+            return PatchCoreEnsemble.from_state(state, device, **run_options)
+        return cls.from_state(state, device, **run_options)
+
+    @classmethod
+    def from_state(cls, state: model_file.ModelState, device: str | torch.device | None = None,
+                   **run_options) -> "PatchCore":
+        """A fitted model from what its file held (model_file.load)."""
         model = cls.from_config(state.config, None, device, **run_options)
         index = for_run(state.index, model.options.pruned_search, model.options.knn_cuda_kernel).to(model.device)
         model.bank = MemoryBank(index, state.grid, state.config, state.decision)

@@ -1,8 +1,11 @@
 """The model file: one safetensors file holding a fitted model's state, with explicit migrations.
 
-Format 4 (written now): tensors "memory_bank" [M, D], "normal_scores" (optional) and the index's
-own tensors; JSON metadata {"format_version": 4, "patchcore_fast": version, "config": PatchCoreConfig,
-"grid": [h, w], "decision": {"threshold", "threshold_source"}, "index": {"kind", ...}}.
+Format 5 (written now): a model's tensors "memory_bank" [M, D], "normal_scores" (optional) and its
+index's own tensors; JSON metadata {"format_version": 5, "patchcore_fast": version, "config":
+PatchCoreConfig, "grid": [h, w], "decision": {"threshold", "threshold_source"}, "index": {"kind", ...}}.
+An ensemble (ensemble.py) is one file too: member i's tensors under "member{i}/" and its metadata
+in "members" (a list of the above without the version), beside the ensemble's own "normalisation"
+(what each member's scores are divided by), "decision" and "normal_scores".
 Older files are read by migrating their metadata one version at a time; each step says what that
 version meant. A key a file lacks is never filled with today's default.
 """
@@ -25,7 +28,7 @@ from .config import PatchCoreConfig
 from .decision import Decision
 from .index import FlatIndex, Index, PrunedIndex
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 def _from_1(meta: dict) -> dict:
@@ -55,8 +58,13 @@ def _from_3(meta: dict) -> dict:
     return {**meta, "format_version": 4, "config": {**meta["config"], "tile": None, "tile_overlap": 0}}
 
 
+def _from_4(meta: dict) -> dict:
+    """Format 4 held one model: format 5 only adds ensembles."""
+    return {**meta, "format_version": 5}
+
+
 #: How to read each older format: a step to the next version.
-MIGRATIONS = {1: _from_1, 2: _from_2, 3: _from_3}
+MIGRATIONS = {1: _from_1, 2: _from_2, 3: _from_3, 4: _from_4}
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,18 @@ class ModelState:
 
 
 @dataclass(frozen=True)
+class EnsembleState:
+    """What an ensemble's model file holds: its members' states, what each member's scores are
+    divided by, and the ensemble's own decision, in those units."""
+
+    members: tuple[ModelState, ...]
+    normalisation: tuple[float, ...]
+    decision: Decision
+    written_by: str | None = None
+    file_format: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
 class StreamedRows:
     """A float32 matrix [rows, dim] written as it arrives: `chunks` yields its rows in order."""
 
@@ -83,17 +103,43 @@ class StreamedRows:
 
 def save(path, config: PatchCoreConfig, grid, index: Index, decision: Decision,
          bank: StreamedRows | None = None) -> None:
-    """Writes the model to `path` atomically: a temporary file in the same folder, flushed to disk,
-    replaces `path` only when complete. The file's mode follows the umask, like any new file.
-    `bank`: the memory bank's rows streamed in (then never whole in memory; the index is flat)."""
-    path = Path(path)
+    """Writes the model to `path` atomically (`_write`). `bank`: the memory bank's rows streamed in
+    (then never whole in memory; the index is flat)."""
+    tensors, meta = _model_content(config, grid, index, decision, bank)
+    _write(path, tensors, {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, **meta})
+
+
+def save_ensemble(path, members: list[tuple[PatchCoreConfig, tuple, Index, Decision]],
+                  normalisation: list[float], decision: Decision) -> None:
+    """Writes an ensemble to `path` atomically: each member (config, grid, index, decision) as
+    `save` writes one model, its tensors under "member{i}/", and the ensemble's own state."""
+    tensors, metas = {}, []
+    for i, member in enumerate(members):
+        member_tensors, meta = _model_content(*member)
+        tensors.update({f"member{i}/{name}": value for name, value in member_tensors.items()})
+        metas.append(meta)
+    if decision.normal_scores is not None:
+        tensors["normal_scores"] = decision.normal_scores
+    _write(path, tensors, {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "members": metas,
+                           "normalisation": [float(n) for n in normalisation],
+                           "decision": {"threshold": decision.threshold, "threshold_source": decision.threshold_source}})
+
+
+def _model_content(config: PatchCoreConfig, grid, index: Index, decision: Decision,
+                   bank: StreamedRows | None = None) -> tuple[dict, dict]:
+    """One model's tensors and metadata (without the format version)."""
     tensors, index_meta = index.state()
     tensors = {**tensors, "memory_bank": bank if bank is not None else index.all_vectors()}
     if decision.normal_scores is not None:
         tensors["normal_scores"] = decision.normal_scores
-    meta = {"format_version": FORMAT_VERSION, "patchcore_fast": __version__, "config": config.to_dict(),
-            "grid": list(grid), "index": {"kind": index.kind, **index_meta},
-            "decision": {"threshold": decision.threshold, "threshold_source": decision.threshold_source}}
+    return tensors, {"config": config.to_dict(), "grid": list(grid), "index": {"kind": index.kind, **index_meta},
+                     "decision": {"threshold": decision.threshold, "threshold_source": decision.threshold_source}}
+
+
+def _write(path, tensors: dict, meta: dict) -> None:
+    """A temporary file in the same folder, flushed to disk, replaces `path` only when complete.
+    The file's mode follows the umask, like any new file."""
+    path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
     try:
@@ -155,10 +201,10 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path, share=None) -> ModelState:
+def load(path, share=None) -> ModelState | EnsembleState:
     """Reads a model file of any readable format, on the CPU. `share(rows)` -> (start, stop): only
     those rows of the memory bank are read (a rank's share); the index is then a flat index of
-    them and `rows` says where they sit."""
+    them and `rows` says where they sit. An ensemble's file gives an EnsembleState (never shared)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -168,7 +214,7 @@ def load(path, share=None) -> ModelState:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["patchcore_fast"])
-            if share is None:
+            if share is None or "members" in meta:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
             else:
                 bank = f.get_slice("memory_bank")
@@ -189,14 +235,28 @@ def load(path, share=None) -> ModelState:
         written_as = meta["format_version"]
         while meta["format_version"] != FORMAT_VERSION:
             meta = MIGRATIONS[meta["format_version"]](meta)
-        config = PatchCoreConfig.from_dict(meta["config"])
-        vectors = tensors.pop("memory_bank").float()
-        index = _restore_index(vectors, tensors, meta["index"]) if rows is None else FlatIndex(vectors)
-        normal = tensors.get("normal_scores")
-        decision = Decision(normal, meta["decision"]["threshold"], meta["decision"]["threshold_source"])
-        return ModelState(config, tuple(meta["grid"]), index, decision, meta.get("patchcore_fast"), written_as, rows)
+        written_by = meta.get("patchcore_fast")
+        if "members" not in meta:
+            return _model_state(meta, tensors, rows, written_by, written_as)
+        members = tuple(_model_state(m, {name.split("/", 1)[1]: value for name, value in tensors.items()
+                                         if name.startswith(f"member{i}/")}, None, written_by, written_as)
+                        for i, m in enumerate(meta["members"]))
+        normalisation = tuple(float(scale) for scale in meta["normalisation"])
+        if len(normalisation) != len(members) or len(members) < 2:
+            raise ValueError(f"{len(members)} members and {len(normalisation)} normalisations")
+        decision = Decision(tensors.get("normal_scores"), meta["decision"]["threshold"],
+                            meta["decision"]["threshold_source"])
+        return EnsembleState(members, normalisation, decision, written_by, written_as)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} has inconsistent model contents: {error}") from error
+
+
+def _model_state(meta: dict, tensors: dict, rows, written_by, written_as) -> ModelState:
+    config = PatchCoreConfig.from_dict(meta["config"])
+    vectors = tensors.pop("memory_bank").float()
+    index = _restore_index(vectors, tensors, meta["index"]) if rows is None else FlatIndex(vectors)
+    decision = Decision(tensors.get("normal_scores"), meta["decision"]["threshold"], meta["decision"]["threshold_source"])
+    return ModelState(config, tuple(meta["grid"]), index, decision, written_by, written_as, rows)
 
 
 def _restore_index(vectors: torch.Tensor, tensors: dict, meta: dict) -> Index:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from . import _checks
 
 
 @dataclass
@@ -41,3 +44,18 @@ class Prediction:
         maps = None if any(p.maps is None for p in parts) else torch.cat([p.maps for p in parts])
         return cls(torch.cat([p.scores for p in parts]), maps, threshold, original_maps=joined("original_maps"),
                    sources=joined("sources"), sizes=joined("sizes"))
+
+
+def gathered(scored, threshold: float | None, to_original, on_original: bool, maps: bool) -> Prediction:
+    """One Prediction of the (Prediction, batch) pairs `scored` (a model's predict_batches), maps
+    dropped as they come when `maps` is False; with `on_original`, each map drawn back on its image
+    by `to_original(map, width, height)` where the batches did not already."""
+    _checks.boolean(maps, "maps")
+    _checks.boolean(on_original, "on_original")
+    if on_original and not maps:
+        raise ValueError("on_original draws the maps: it needs maps=True")
+    parts = [part if maps else dataclasses.replace(part, maps=None, original_maps=None) for part, _ in scored]
+    prediction = Prediction.concat(parts, threshold)
+    if on_original and prediction.original_maps is None:
+        prediction.original_maps = [to_original(m, w, h) for m, (w, h) in zip(prediction.maps, prediction.sizes)]
+    return prediction

@@ -231,6 +231,8 @@ class ProcessGroup:
         from .index.sharded import ShardedIndex
 
         state = model_file.load(path, share=distributed.shard)
+        if isinstance(state, model_file.EnsembleState):
+            raise UserError(f"{path} holds an ensemble: ensembles run in one process (run without torchrun)")
         start, stop, total = state.rows
         return dataclasses.replace(state, index=ShardedIndex(state.index, torch.arange(start, stop), total))
 

@@ -190,7 +190,7 @@ def test_format_version_1_files_still_load(lite0, tmp_path):
     loaded = PatchCore.load(path, device="cpu", progress=False)
     assert loaded.config == model.config
     assert torch.equal(loaded.predict(texture_batch(range(10, 13))).scores, pred.scores)
-    assert FORMAT_VERSION == 4 and model_file.load(path).grid == (8, 8)
+    assert FORMAT_VERSION == 5 and model_file.load(path).grid == (8, 8)
 
 
 def test_format_version_3_files_load_without_tiles(lite0, tmp_path):
@@ -204,7 +204,7 @@ def test_format_version_3_files_load_without_tiles(lite0, tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["patchcore_fast"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    assert meta["format_version"] == 4 and meta["config"]["tile"] is None
+    assert meta["format_version"] == 5 and meta["config"]["tile"] is None
     meta["format_version"] = 3
     del meta["config"]["tile"], meta["config"]["tile_overlap"]
     save_file(tensors, str(tmp_path / "v3.pcf"), metadata={"patchcore_fast": json.dumps(meta)})

@@ -71,5 +71,5 @@ def test_info_prints_settings_bank_and_threshold(lite0, tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "efficientnet_lite0 ['blocks.4', 'blocks.10']" in out and "ratio 0.1" in out
-    assert f"{len(model.bank):,} rows x 1024" in out and "cross-fitted" in out and "file format  4" in out
+    assert f"{len(model.bank):,} rows x 1024" in out and "cross-fitted" in out and "file format  5" in out
     assert main(["info", str(tmp_path / "missing.pcf")]) == 2
