@@ -32,6 +32,9 @@ echo "== pytest-benchmark (GPU)"
   --benchmark-json="$out/bench_resident.json" --benchmark-columns=median,min,max,rounds 2>&1 \
   | tee "$out/bench_resident.log" | tail -8)
 
+echo "== distributed coreset on one GPU (NCCL, one rank)"
+timeout 300 $py benchmarks/gpu_distributed_coreset.py "$out" 2>&1 | tee "$out/distributed_coreset.log" | tail -30
+
 echo "== report"
 timeout 400 $py benchmarks/gpu_report.py "$out" "$out/bench.json" "$out/bench_resident.json" 2>&1 | tee "$out/report.log"
 

@@ -193,6 +193,24 @@ std::tuple<at::Tensor, at::Tensor> coreset_shard_pass(patchcore::CoresetShard& s
   return without_gil([&] { return shard.pass(centres); });
 }
 
+std::tuple<at::Tensor, at::Tensor> coreset_shard_pass_gpu(const at::Tensor& space, const at::Tensor& min_distance,
+                                                          const at::Tensor& centres) {
+  TORCH_CHECK_VALUE(space.is_cuda() && space.dim() == 2 && space.scalar_type() == at::kFloat && space.is_contiguous(),
+                    "coreset_shard_pass_cuda: space must be a contiguous float32 [N, D] CUDA tensor");
+  TORCH_CHECK_VALUE(min_distance.device() == space.device() && min_distance.scalar_type() == at::kFloat &&
+                        min_distance.dim() == 1 && min_distance.size(0) == space.size(0) && min_distance.is_contiguous(),
+                    "coreset_shard_pass_cuda: min_distance must be a contiguous float32 [N] tensor on space's device");
+  TORCH_CHECK_VALUE(centres.device() == space.device() && centres.scalar_type() == at::kFloat && centres.dim() == 2 &&
+                        centres.size(1) == space.size(1),
+                    "coreset_shard_pass_cuda: centres must be float32 [b, ", space.size(1), "] on space's device");
+#ifdef PATCHCORE_WITH_CUDA
+  return without_gil([&] { return patchcore::coreset_shard_pass_cuda(space, min_distance, centres,
+                                                                      patchcore::cpu::kCandidates + 1); });
+#else
+  TORCH_CHECK(false, "coreset_shard_pass_cuda: this build of patchcore_fast has no CUDA kernels");
+#endif
+}
+
 at::Tensor coreset_pick_batch(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& rows,
                               double bound, int64_t remaining) {
   check_cpu_float_matrix(rows, "coreset_pick_batch", "rows");
@@ -296,6 +314,10 @@ PYBIND11_MODULE(_C, m) {
       .def("pin", &patchcore::CoresetShard::pin, py::arg("local_rows"), "Marks picked rows (never picked again)")
       .def_property_readonly("min_distance", &patchcore::CoresetShard::min_distance);
   m.attr("coreset_offered") = patchcore::cpu::kCandidates + 1;  // rows a shard's pass offers at most
+  m.def("coreset_shard_pass_cuda", &coreset_shard_pass_gpu, py::arg("space"), py::arg("min_distance"),
+        py::arg("centres"),
+        "CoresetShard.pass_ for a shard on a GPU: lowers min_distance (in place) by the centres with the CPU "
+        "shard's arithmetic; returns its farthest rows (values, local rows) on the device, in the CPU shard's order");
   m.def("coreset_pick_batch", &coreset_pick_batch, py::arg("values"), py::arg("indices"), py::arg("rows"),
         py::arg("bound"), py::arg("remaining"),
         "The next batch of picks from every shard's offers and the bound they put on every other row: "

@@ -81,6 +81,11 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features, const at::Tensor& ini
 // (publish, arrive and settle, wait, centre, pass, reduce; summed over the steps).
 std::tuple<at::Tensor, at::Tensor> greedy_coreset_cuda_stages(const at::Tensor& features, const at::Tensor& initial,
                                                               int64_t n);
+// One round of a distributed coreset shard on its GPU (csrc/cuda/coreset_shard_cuda.cuh):
+// min_distance [N] lowered in place by the centres [b, D]; returns the shard's `offered` farthest
+// rows (values, local rows) in the CPU shard's order, on the device.
+std::tuple<at::Tensor, at::Tensor> coreset_shard_pass_cuda(const at::Tensor& space, const at::Tensor& min_distance,
+                                                           const at::Tensor& centres, int64_t offered);
 // warp_rows: the CUDA knn kernel's warp layout, 2 (16 x 128 per warp) or 4 (32 x 64); see knn_cuda.cuh.
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                                             int64_t warp_rows);

@@ -181,18 +181,41 @@ class RoundStats:
         self.bytes_sent += sent
 
 
+class GpuShard:
+    """A rank's shard of the distributed coreset on its GPU, with the CPU shard's interface
+    (_C.CoresetShard: pass_, pin): its rows of the selection space and their running minima live
+    on the device, and each round's pass is csrc/cuda/coreset_shard_cuda.cu, whose minima are the
+    CPU pass's floats; only the offers (97 rows) come back to the host."""
+
+    def __init__(self, space: torch.Tensor, initial: torch.Tensor, device: torch.device):
+        self.space = space.to(device).contiguous()
+        self.min_distance = initial.to(device).contiguous().clone()
+
+    def pass_(self, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, local = _C.coreset_shard_pass_cuda(self.space, self.min_distance,
+                                                   centres.to(self.space.device).contiguous())
+        return values.cpu(), local.cpu()
+
+    def pin(self, local_rows: torch.Tensor) -> None:
+        self.min_distance[local_rows.to(self.space.device)] = -1.0  # below every distance: never offered first
+
+
 @torch.no_grad()
 def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: int | None = None,
                    projection_dim: int | None = 128, num_starts: int = 10, seed: int = 0,
                    progress=None, rounds: "RoundStats | None" = None, space: torch.Tensor | None = None) -> torch.Tensor:
     """Global row indices, in selection order, of the greedy coreset of the rows spread over the
     ranks (this rank's share `local_rows` [n_r, D], rank order = row order): on every rank, exactly
-    what `patchcore_fast.greedy_coreset(all rows, ...)` returns on the CPU. Runs on the CPU (gloo).
+    what `patchcore_fast.greedy_coreset(all rows, ...)` returns on the CPU. Each round's pass runs
+    where `local_rows` live: on a GPU as a CUDA kernel with the CPU's arithmetic (the offers then
+    travel by NCCL where the group uses it), else on the CPU; the picks are the same either way.
+    The projection and the picks themselves run on the CPU.
     `rounds`, if given, is filled with the rounds' count, bytes and times (RoundStats). `space`: this
     rank's rows already projected (`coreset.selection_space`), to skip the projection."""
-    if not active():
-        raise DistributedError("distributed.greedy_coreset needs a process group of several ranks "
-                               "(launch with torchrun); in one process use patchcore_fast.greedy_coreset")
+    if not (dist.is_available() and dist.is_initialized()):  # one rank is allowed: a 1-GPU NCCL check
+        raise DistributedError("distributed.greedy_coreset needs a process group (launch with torchrun); in "
+                               "one process use patchcore_fast.greedy_coreset")
+    device = local_rows.device
     local = _checks.float_matrix(local_rows, "local_rows").cpu() if len(local_rows) else local_rows.float().cpu()
     counts = row_counts(len(local), "counting rows")
     offsets = [0]
@@ -202,8 +225,9 @@ def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: i
     size = coreset_size(total, ratio, n)
     seed = _checks.integer(seed, "seed", 0)
     num_starts = _checks.integer(num_starts, "num_starts", 1)
-    if not compiled(torch.device("cpu")):
-        raise DistributedError("the distributed coreset needs the compiled extension (patchcore_fast._C)")
+    if not compiled(torch.device("cpu")) or not compiled(device):
+        raise DistributedError(f"the distributed coreset on {device.type} needs the compiled extension "
+                               "(patchcore_fast._C) with kernels for it")
 
     generator = torch.Generator().manual_seed(seed)  # the single-process draw order: projection, then starts
     weights = projection_weights(local.shape[1], projection_dim, generator)
@@ -226,7 +250,8 @@ def greedy_coreset(local_rows: torch.Tensor, ratio: float | None = None, *, n: i
     # bits in two slots), row]; one all_gather; every rank then picks the same batch from the union
     # (_C.coreset_pick_batch, the single-process kernel's rule: picks identical to it,
     # csrc/cpu/coreset_batch.h).
-    shard = _C.CoresetShard(space.contiguous(), min_distance)
+    shard = GpuShard(space, min_distance, device) if device.type == "cuda" else _C.CoresetShard(space.contiguous(),
+                                                                                                  min_distance)
     dim = space.shape[1]
     offer = torch.empty(_C.coreset_offered, 3 + dim)
     no_row = torch.iinfo(torch.int64).max  # padding: never a candidate

@@ -121,7 +121,8 @@ class ProcessGroup:
         return selection_space(rows.cpu(), projection_dim, seed) if len(rows) else None
 
     def coreset(self, rows, ratio, projection_dim, seed, cuda_kernel, progress, space=None):
-        return distributed.greedy_coreset(rows.cpu(), ratio, projection_dim=projection_dim, seed=seed,
+        # rows on a GPU: each round's pass runs there (distributed.GpuShard), the picks unchanged
+        return distributed.greedy_coreset(rows, ratio, projection_dim=projection_dim, seed=seed,
                                           progress=progress, space=space)
 
     def total(self, count: int, what: str) -> int:

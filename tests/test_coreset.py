@@ -176,3 +176,24 @@ def test_a_subset_selects_the_same_in_the_whole_sets_selection_space():
         patchcore_fast.greedy_coreset(x, 0.1, projection_dim=16, space=torch.zeros(3001, 17))
     with pytest.raises(ValueError, match="selection space"):
         patchcore_fast.greedy_coreset(x, 0.1, projection_dim=16, space=torch.zeros(3000, 16))
+
+
+@pytest.mark.skipif(len(DEVICES) < 2, reason="needs a GPU")
+def test_gpu_shard_pass_offers_what_the_cpu_shard_offers():
+    """distributed.GpuShard on a real GPU (coreset_shard_cuda.cu) against _C.CoresetShard: the
+    same minima to the bit and the same offers, round after round (the CPU emulation checks the
+    same without a GPU: tests/test_cuda_kernels_on_cpu.py)."""
+    from patchcore_fast import _C, distributed
+
+    g = torch.Generator().manual_seed(11)
+    space = torch.randn(20_011, 131, generator=g)
+    space[1::13] = space[0]
+    initial = torch.full((len(space),), 1e4)
+    cpu, gpu = _C.CoresetShard(space, initial), distributed.GpuShard(space, initial, torch.device("cuda"))
+    for _ in range(4):
+        centres = space[torch.randperm(len(space), generator=g)[:96]].contiguous()
+        (v_cpu, i_cpu), (v_gpu, i_gpu) = cpu.pass_(centres), gpu.pass_(centres)
+        assert torch.equal(i_gpu, i_cpu) and torch.equal(v_gpu, v_cpu)
+        assert torch.equal(gpu.min_distance.cpu(), cpu.min_distance)
+        cpu.pin(i_cpu[:5])
+        gpu.pin(i_cpu[:5])

@@ -117,3 +117,69 @@ def test_emulated_embedding_equals_the_authors_order(harness, shapes, dim):
     ref, _ = reference_patch_embedding(maps, dim)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= embedding_error_bound(maps, dim)
+
+
+# (rows, dim, centres per round): 16-wide blocks with and without a tail, one-float rows, wide rows
+# whose centres pass through shared memory in chunks, and a shard smaller than one offer.
+SHARD_CASES = [(700, 128, 37), (403, 37, 96), (300, 3, 64), (211, 1024, 11), (50, 20, 9)]
+
+
+@pytest.mark.parametrize("rows,dim,count", SHARD_CASES)
+def test_emulated_shard_pass_offers_what_a_cpu_shard_offers(harness, rows, dim, count):
+    """Rounds of the distributed coreset's GPU pass (coreset_shard_cuda.cu) against the CPU shard
+    (_C.CoresetShard): the same minima to the bit, so the same rows offered in the same order,
+    equal minima by index and picked rows (-1) included; picks then cannot depend on placement."""
+    from patchcore_fast import _C
+
+    g = torch.Generator().manual_seed(rows + dim)
+    space = torch.randn(rows, dim, generator=g) * 3 + 1
+    space[1::7] = space[0]  # equal rows: ties between minima, broken by index
+    minima = start(space)
+    cpu = _C.CoresetShard(space.contiguous(), minima.clone())
+    for _ in range(3):
+        centres = space[torch.randperm(rows, generator=g)[:count]].contiguous()
+        values, local = cpu.pass_(centres)
+        emulated, offered_values, offered = emulator.run_shard_pass(harness, space, minima, centres, _C.coreset_offered)
+        assert torch.equal(offered, local) and torch.equal(offered_values, values)
+        assert torch.equal(emulated, cpu.min_distance)
+        expected = torch.minimum(minima.double(), torch.cdist(space.double(), centres.double()).min(dim=1).values)
+        kept = minima >= 0
+        assert torch.allclose(emulated[kept].double(), expected[kept], rtol=1e-5, atol=1e-5)
+        assert (emulated[~kept] == -1).all()
+        picked = local[: min(3, len(local))]
+        cpu.pin(picked)
+        minima = emulated.clone()
+        minima[picked] = -1.0
+
+
+def test_distributed_coreset_with_emulated_gpu_shards_picks_what_one_process_picks(harness, tmp_path, monkeypatch):
+    """The GPU path of distributed.greedy_coreset (GpuShard: minima on the device, the pass as
+    coreset_shard_cuda.cu, offers back to the host) with the kernel emulated, in a one-rank
+    process group: the picks of the single-process CPU coreset."""
+    import types
+
+    import torch.distributed as dist
+
+    import patchcore_fast
+    from patchcore_fast import _C, distributed
+
+    def emulated_pass(space, min_distance, centres):
+        minima, values, local = emulator.run_shard_pass(harness, space, min_distance, centres, _C.coreset_offered)
+        min_distance.copy_(minima)  # in place, as the CUDA op updates it
+        return values, local
+
+    cpu = torch.device("cpu")
+    proxy = types.SimpleNamespace(CoresetShard=lambda space, initial: distributed.GpuShard(space, initial, cpu),
+                                  coreset_shard_pass_cuda=emulated_pass, coreset_pick_batch=_C.coreset_pick_batch,
+                                  coreset_offered=_C.coreset_offered)
+    monkeypatch.setattr(distributed, "_C", proxy)
+    x = float_rows(1500, 64, 3)
+    x[1::9] = x[0]  # ties
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        stats = distributed.RoundStats()
+        picks = distributed.greedy_coreset(x, 0.1, projection_dim=32, rounds=stats)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(picks, patchcore_fast.greedy_coreset(x, 0.1, projection_dim=32))
+    assert stats.rounds >= 2  # several rounds, each a pass of the emulated kernel

@@ -7,6 +7,7 @@
 
 #include <limits>
 
+#include "cuda/coreset_shard_cuda.cuh"
 #include "cuda/greedy_coreset_cuda.cuh"
 #include "cuda/embedding_cuda.cuh"
 #include "cuda/knn_cuda.cuh"
@@ -18,6 +19,21 @@ namespace patchcore {
 static_assert(kCudaKnnMaxK == cuda::kKnnMaxK, "ops.h and knn_cuda.cuh disagree on the largest k");
 
 int cuda_runtime_version() { return CUDART_VERSION; }
+
+std::tuple<at::Tensor, at::Tensor> coreset_shard_pass_cuda(const at::Tensor& space, const at::Tensor& min_distance,
+                                                           const at::Tensor& centres_in, int64_t offered) {
+  const c10::cuda::CUDAGuard guard(space.device());
+  const int64_t rows = space.size(0), dim = space.size(1);
+  TORCH_CHECK_VALUE(rows < std::numeric_limits<uint32_t>::max(), "coreset shard pass: too many rows for one GPU shard");
+  const at::Tensor centres = centres_in.contiguous();
+  at::Tensor keys = at::empty({rows}, space.options().dtype(at::kLong));
+  cuda::coreset_shard_pass_launch(space.data_ptr<float>(), rows, dim, centres.data_ptr<float>(), centres.size(0),
+                                  min_distance.data_ptr<float>(), reinterpret_cast<unsigned long long*>(keys.data_ptr<int64_t>()),
+                                  c10::cuda::getCurrentCUDAStream());
+  // Keys are below 2^63 (a float's bits + 1, shifted by 32), so their int64 order is the offer order.
+  const at::Tensor local = std::get<1>(at::topk(keys, std::min(offered, rows), 0, true, true));
+  return {min_distance.index_select(0, local), local};
+}
 
 namespace {
 // Both coreset kernels; `stage_cycles` (resident kernel only) as in greedy_coreset_cuda.cuh.

@@ -18,7 +18,8 @@ import torch
 
 HERE = Path(__file__).parent
 CSRC = HERE.parents[1] / "csrc"
-SOURCES = ("embedding_cuda.cu", "greedy_coreset_cuda.cu", "greedy_coreset_resident.cu", "knn_cuda.cu")
+SOURCES = ("coreset_shard_cuda.cu", "embedding_cuda.cu", "greedy_coreset_cuda.cu", "greedy_coreset_resident.cu",
+           "knn_cuda.cu")
 
 
 def as_cpu_source(text: str) -> str:
@@ -40,7 +41,7 @@ def build(out_dir: Path) -> Path:
         unit.write_text(as_cpu_source((CSRC / "cuda" / name).read_text()))
         units.append(str(unit))
     exe = out_dir / "harness"
-    cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-I", str(HERE / "shim"), "-I", str(CSRC / "cuda"),
+    cmd = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-I", str(HERE / "shim"), "-I", str(CSRC / "cuda"),
            "-o", str(exe), str(HERE / "harness.cpp"), *units]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -93,3 +94,22 @@ def run_embedding(exe: Path, maps: list[torch.Tensor], dim: int, timeout: float 
         raise RuntimeError(result.stderr.decode(errors="replace").strip())
     out = np.frombuffer(result.stdout, dtype=np.float32).reshape(-1, dim)
     return torch.from_numpy(out.copy())
+
+
+def run_shard_pass(exe: Path, space: torch.Tensor, min_distance: torch.Tensor, centres: torch.Tensor, offered: int,
+                   timeout: float = 600):
+    """One distributed-coreset round's pass on a shard (coreset_shard_cuda.cu), and its offer as
+    csrc/cuda/cuda_ops.cpp makes it: (minima [rows], offered values [<= offered], their rows' indices)."""
+    rows, dim = space.shape
+    header = np.array([rows, dim, len(centres), offered], dtype=np.int64).tobytes()
+    payload = (header + space.float().contiguous().numpy().tobytes() + min_distance.float().contiguous().numpy().tobytes()
+               + centres.float().contiguous().numpy().tobytes())
+    result = subprocess.run([str(exe), "shard-pass", "1", str(227 * 1024)], input=payload, capture_output=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.decode(errors="replace").strip())
+    count = min(rows, offered)
+    minima = np.frombuffer(result.stdout[: 4 * rows], dtype=np.float32)
+    values = np.frombuffer(result.stdout[4 * rows : 4 * (rows + count)], dtype=np.float32)
+    indices = np.frombuffer(result.stdout[4 * (rows + count) :], dtype=np.int64)
+    return torch.from_numpy(minima.copy()), torch.from_numpy(values.copy()), torch.from_numpy(indices.copy())

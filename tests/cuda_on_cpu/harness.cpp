@@ -9,18 +9,25 @@
 //     input:  int64 Q, M, dim (a multiple of 16), k, splits, warp_rows; float32 queries [Q * dim],
 //             bank [M * dim]
 //     output: float32 distances [Q * k], int64 indices [Q * k]
+//   KERNEL shard-pass (one round of a distributed coreset shard)
+//     input:  int64 rows, dim, count, offered; float32 space [rows * dim], minima [rows],
+//             centres [count * dim]
+//     output: float32 minima [rows], float32 offered values [min(rows, offered)], int64 their indices
 //   KERNEL embedding
 //     input:  int64 layers, dim, batch, then per layer int64 channels, height, width;
 //             float32 maps of each layer [batch * channels * height * width]
 //     output: float32 features [batch * height_0 * width_0 * dim]
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "../embedding_bins.h"
+#include "coreset_shard_cuda.cuh"
 #include "embedding_cuda.cuh"
 #include "greedy_coreset_cuda.cuh"
 #include "knn_cuda.cuh"
@@ -53,6 +60,30 @@ void run_knn() {
   std::fwrite(index, sizeof(int64_t), num_queries * k, stdout);
 }
 
+// As csrc/cuda/cuda_ops.cpp coreset_shard_pass_cuda does: the pass, then the `offered` largest keys.
+void run_shard_pass() {
+  int64_t header[4];
+  read_exactly(header, 4);
+  const int64_t rows = header[0], dim = header[1], count = header[2], offered = header[3];
+  float* space = emu::device_alloc<float>(rows * dim);
+  float* minima = emu::device_alloc<float>(rows);
+  float* centres = emu::device_alloc<float>(count * dim);
+  read_exactly(space, rows * dim);
+  read_exactly(minima, rows);
+  read_exactly(centres, count * dim);
+  auto* keys = emu::device_alloc<unsigned long long>(rows);
+  pc::coreset_shard_pass_launch(space, rows, dim, centres, count, minima, keys, nullptr);
+  std::vector<int64_t> order(rows);
+  for (int64_t i = 0; i < rows; ++i) order[i] = i;
+  const int64_t top = std::min(rows, offered);
+  std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int64_t a, int64_t b) { return keys[a] > keys[b]; });
+  std::vector<float> values(top);
+  for (int64_t j = 0; j < top; ++j) values[j] = minima[order[j]];
+  std::fwrite(minima, sizeof(float), rows, stdout);
+  std::fwrite(values.data(), sizeof(float), top, stdout);
+  std::fwrite(order.data(), sizeof(int64_t), top, stdout);
+}
+
 // As csrc/cuda/cuda_ops.cpp patch_embedding_cuda does.
 void run_embedding() {
   int64_t header[3];
@@ -79,7 +110,7 @@ void run_embedding() {
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: harness cached|resident|resident-stages|knn|embedding SMS SMEM_OPTIN_BYTES < input\n");
+    std::fprintf(stderr, "usage: harness cached|resident|resident-stages|knn|embedding|shard-pass SMS SMEM_OPTIN_BYTES < input\n");
     return 2;
   }
   const std::string kernel = argv[1];
@@ -92,6 +123,10 @@ int main(int argc, char** argv) {
     }
     if (kernel == "embedding") {
       run_embedding();
+      return 0;
+    }
+    if (kernel == "shard-pass") {
+      run_shard_pass();
       return 0;
     }
     int64_t header[3];
