@@ -218,17 +218,27 @@ def test_cascade_screens_again_only_what_its_first_stage_keeps():
 
 
 @needs_kernels
-def test_build_chooses_the_single_screen_of_least_measured_cost():
+def test_build_chooses_the_single_screen_of_least_measured_cost_then_weighs_its_cascade():
+    from patchcore_fast.index.pruned import RANK_CHOICES, _judged
+
     g = torch.Generator().manual_seed(13)
     bank = low_rank_rows(3000, 512, 16, g)
     probes = low_rank_rows(512, 512, 16, g)  # RANK_PROBES: the build measures all of them
     index = PrunedIndex.build(bank, probes)
-    candidates = [PrunedIndex.build(bank, rank=r) for r in (16, 32, 64, 128, 256)]
-    for c in candidates:
+    ranks = [r for r in RANK_CHOICES if r <= 256]
+    singles = [PrunedIndex.build(bank, rank=r) for r in ranks]
+    for c in singles:
         c.measure(probes)
-    assert index.pays and index.bank_extension is None
-    assert index.probe_cost == pytest.approx(min(c.probe_cost for c in candidates))
-    assert index.rank == min(candidates, key=lambda c: c.probe_cost).rank
+    chosen = min(singles, key=lambda c: c.probe_cost)
+    # the one cascade weighed: the chosen screen first, then up to twice its directions
+    wider = min(256, next(r for r in ranks + [256] if r >= 2 * chosen.rank))
+    cascade = PrunedIndex.build(bank, rank=wider, first_rank=chosen.rank)
+    cascade.measure(probes)
+    expected = cascade if _judged(cascade) < _judged(chosen) else chosen
+    assert index.pays
+    assert (index.rank, index.first_rank) == (expected.rank, expected.first_rank)
+    assert index.probe_cost == pytest.approx(expected.probe_cost)
+    assert_same_as_knn(probes[:100], bank, 3, index=index)
 
 
 @needs_kernels

@@ -39,11 +39,20 @@ from .flat import FlatIndex
 #: at rank 64, 3 % at rank 256). So the rank is chosen at build time from the probes among
 #: RANK_CHOICES (up to D / 2), minimising the predicted cost (rows left + the screen's own
 #: share). Without probes: D / 16, at most 64.
-RANK_CHOICES = (16, 32, 64, 128, 256)
+RANK_CHOICES = (16, 32, 64, 128, 192, 256)
 RANK_SHARE = 16
 MAX_RANK = 64
 #: Probes on which each candidate rank is measured (the kernel's own count of exact distances).
 RANK_PROBES = 512
+#: Whether a cascade beats the chosen single screen is judged with these weights on the probes'
+#: counts (per unit of the screens' arithmetic): the extension screens gathered rows one panel
+#: vector at a time, at several times the cost of its arithmetic, and test patches need more exact
+#: rows than the probes (training patches the coreset left out sit nearer the bank): least squares
+#: of measured search times of test patches on the probes' counts (brick, grass and gravel, 13 ranks
+#: and cascades each, AVX2 and AVX-512 paths; benchmarks/NOTES.md, issue 20) put 6.2-7.7 on the
+#: extension and 2.7-3.4 on the exact rows.
+CASCADE_EXTENSION_WEIGHT = 7.0
+CASCADE_EXACT_WEIGHT = 3.0
 #: Pruning is used when the probes predict at most this share of brute force's time: below it
 #: the screen plus the exact rows are clearly cheaper; above it the gain is too small to matter.
 PAYS_BELOW = 0.5
@@ -74,6 +83,7 @@ class PrunedIndex(Index):
         # the probes' predicted time as a share of brute force's: screen, extension and exact rows
         self.probe_cost = probe_share + self._screen_cost(1.0) if probe_cost is None else probe_cost
         self.pays = pays                # pruning predicted to take at most PAYS_BELOW of brute force's time
+        self.probe_extended = 0.0       # share of rows the extension screened for the probes (measure)
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -141,7 +151,10 @@ class PrunedIndex(Index):
                 total += chunk.sum(dim=0, dtype=torch.float64)
                 second += (chunk.T @ chunk).double()
             mean = total / len(sample)
-            _, vectors = torch.linalg.eigh(second - len(sample) * torch.outer(mean, mean))  # n x the covariance
+            # n x the covariance, decomposed in float32 (a third of float64's time; the directions only
+            # need to be good, and the QR below makes them orthonormal in float64)
+            _, vectors = torch.linalg.eigh((second - len(sample) * torch.outer(mean, mean)).float())
+            vectors = vectors.double()
             basis64 = torch.linalg.qr(vectors[:, -top:].flip(1))[0].T.contiguous()  # orthonormal rows, leading first
         # Per row, once for the largest rank: the projections y (float64, stored as float32), an
         # upper bound on the squared norm of the part outside all `top` directions, |x|^2 - |y|^2
@@ -207,18 +220,29 @@ class PrunedIndex(Index):
             probes = probes[pick.sort().values]
         # Measured, not modelled: the kernel's own counts on the probes, single screens from the
         # largest rank down (cheap to measure: few rows survive) until a rank leaves at least the
-        # best cost so far in rows alone: a smaller rank leaves at least as many. Cascades are not chosen here: with the coded first screen
-        # a single screen at the larger rank costs about what the cascade's first stage does, and
-        # the cascade's per-row work on the rows it extends made it slower on test patches than
-        # its probe counts predicted (benchmarks/NOTES.md, issue 20); `first_rank` still builds one.
-        best = None
+        # best cost so far in rows alone: a smaller rank leaves at least as many.
+        best, measured = None, {}
         for n in reversed(range(len(ranks))):
-            index = index_of(n)
+            index = measured[n] = index_of(n)
             index.measure(probes)
             if best is None or index.probe_cost < best.probe_cost:
-                best = index
+                best, chosen = index, n
             if index.probe_share >= best.probe_cost:
                 break
+        # Then one cascade: the chosen screen first, then the rest of twice its directions (the
+        # largest rank at most), or, when the chosen rank is the largest, three quarters of it
+        # first. Its first screen keeps what the chosen one keeps, and the extension rescreens
+        # those rows with a few more directions instead of computing them: it pays when it rules
+        # out enough of them (tire: 64 then 128; textures: 192 then 256). The probes decide, with
+        # the cascade weights above, against the chosen screen judged the same way.
+        top = len(ranks) - 1
+        wider = min(top, next((n for n in range(len(ranks)) if ranks[n] >= 2 * ranks[chosen]), top))
+        first = chosen if chosen < top else next((n for n in range(top) if 4 * ranks[n] >= 3 * ranks[top]), None)
+        if first is not None and first < wider:
+            cascade = index_of(wider, first=first)
+            cascade.measure(probes)
+            if _judged(cascade) < _judged(best):
+                best = cascade
         best.pays = best.probe_cost <= PAYS_BELOW
         return best
 
@@ -231,6 +255,7 @@ class PrunedIndex(Index):
                                                self.basis_rounding, self.bank_extension)
         pairs = len(probes) * len(self._vectors)
         self.probe_share = computed / pairs
+        self.probe_extended = extended / pairs  # rows the extension screened (in whole panels)
         self.probe_cost = self.probe_share + self._screen_cost(extended / pairs)
         return self.probe_share
 
@@ -343,6 +368,15 @@ def _check_screen_matches(vectors: torch.Tensor, basis: torch.Tensor, screen: to
     scale = x.norm(dim=1, keepdim=True) * 1e-4
     if bool(((inside - projections[sample].double()).abs() > scale + 1e-30).any()):
         raise ValueError("the search index was built for another memory bank (projections differ)")
+
+
+def _judged(index: PrunedIndex) -> float:
+    """An index's predicted cost with the cascade weights (from its probe measurement)."""
+    d = index.vectors.shape[1]
+    extension = 0 if index.bank_extension is None else index.bank_extension.shape[1]
+    screen = (index.first_rank + 2) / d / coded_screen_speedup()
+    return (screen + CASCADE_EXTENSION_WEIGHT * index.probe_extended * extension / d
+            + CASCADE_EXACT_WEIGHT * index.probe_share)
 
 
 def _round_up(values: torch.Tensor) -> torch.Tensor:
