@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,19 +25,8 @@ import torch.distributed as dist
 import patchcore_fast
 from patchcore_fast import distributed
 
-
-def cuda_time(fn, reps=5, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_timing import cuda_time  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -62,18 +50,18 @@ def main(out: Path) -> None:
 
     # floors: copy bandwidth and the float32 rate, measured here
     big = torch.empty(1 << 28, device=device)
-    copy_s = cuda_time(lambda: big.clone())
+    copy_s = cuda_time(lambda: big.clone(), 5)
     bandwidth = 2 * big.numel() * 4 / copy_s
     a = torch.randn(8192, 8192, device=device)
     torch.backends.cuda.matmul.allow_tf32 = False
-    flops = 2 * 8192**3 / cuda_time(lambda: a @ a)
+    flops = 2 * 8192**3 / cuda_time(lambda: a @ a, 5)
     del big, a
     passes = []
     for rows in (1_000_000, 10_000_000):
         space = torch.randn(rows, 128, device=device)
         shard = distributed.GpuShard(space, torch.full((rows,), 1e4), device)
         centres = space[:96].clone()
-        seconds = cuda_time(lambda: shard.pass_(centres))
+        seconds = cuda_time(lambda: shard.pass_(centres), 5, warmup=2)
         passes.append({"rows": rows, "dim": 128, "centres": 96, "seconds": seconds,
                        "floor_bytes_s": rows * 128 * 4 / bandwidth, "floor_flops_s": 3 * rows * 96 * 128 / flops})
         del space, shard

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,26 +21,13 @@ import patchcore_fast  # noqa: E402
 from patchcore_fast import metrics  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from baselines import authors_coreset, cdist_topk, matmul_min  # noqa: E402
+from cuda_timing import cuda_time  # noqa: E402
 from patchcore_fast.coreset import seeded_start  # noqa: E402
 from patchcore_fast.reference import knn_reference  # noqa: E402
 from workloads import W1  # noqa: E402
 
 knn_module = importlib.import_module("patchcore_fast.knn")  # for CUDA_KERNELS (the package's `knn` is the function)
 
-
-def cuda_time(fn, reps, warmup=1):
-    """Median seconds of `fn` by CUDA events, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def metric_inputs(device, n=100, size=224):
