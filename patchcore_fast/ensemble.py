@@ -32,13 +32,29 @@ from . import _checks, decision, model_file, workers
 from .data import ImageData, count_images
 from .decision import Decision
 from .errors import UserError
-from .model import PatchCore
 from .prediction import Prediction, gathered
 
 #: Short names of known backbones for method names in tables ("PatchCore-10 Lite0+Lite2").
 SHORT_NAMES = {"efficientnet_lite0": "Lite0", "efficientnet_lite1": "Lite1", "efficientnet_lite2": "Lite2",
                "wide_resnet50_2": "WRN50", "wide_resnet101_2": "WRN101", "resnet18": "ResNet18",
                "resnet50": "ResNet50", "resnet101": "ResNet101", "densenet201": "DenseNet201"}
+
+
+def check_backbones(backbones, settings: dict) -> list[str]:
+    """The backbone names of an ensemble `PatchCore(backbone=[...], **settings)` asks for."""
+    names = list(backbones)
+    if len(names) < 2:
+        raise ValueError(f"an ensemble needs at least two backbones, got {names}: for one, pass its name")
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError("an ensemble's backbones are given by name (e.g. ['efficientnet_lite0', "
+                        f"'efficientnet_lite2']), got {[type(n).__name__ for n in names]}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given twice: an ensemble's members are different backbones")
+    for key in ("layers", "weights"):
+        if settings.get(key) is not None:
+            raise ValueError(f"{key} differ between backbones: an ensemble's members use their own defaults")
+    return names
 
 
 def short_name(backbone: str) -> str:
@@ -75,26 +91,17 @@ class EnsembleGraph(nn.Module):
 class PatchCoreEnsemble:
     """One PatchCore per backbone on the same images, with the same settings; image scores and
     maps are the average of the members' after normalising each by its training images' scores
-    (module docstring). `PatchCore(backbone=[...])` makes one. Members: `members`."""
+    (module docstring). `PatchCore(backbone=[...])` makes one, and `PatchCore.load` reads one
+    back. Members: `members`, PatchCore models (this module only calls them: model.py builds them)."""
 
-    def __init__(self, backbones, *args, **settings):
-        if args:
-            raise TypeError("an ensemble takes its settings by name: PatchCore(backbone=[...], coreset_ratio=...)")
-        names = list(backbones)
-        if len(names) < 2:
-            raise ValueError(f"an ensemble needs at least two backbones, got {names}: for one, pass its name")
-        if not all(isinstance(name, str) for name in names):
-            raise TypeError("an ensemble's backbones are given by name (e.g. ['efficientnet_lite0', "
-                            f"'efficientnet_lite2']), got {[type(n).__name__ for n in names]}")
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"{', '.join(twice)} given twice: an ensemble's members are different backbones")
-        for key in ("layers", "weights"):
-            if settings.get(key) is not None:
-                raise ValueError(f"{key} differ between backbones: an ensemble's members use their own defaults")
-        self._setup([PatchCore(name, **settings) for name in names], None, Decision())
+    def __init__(self, members: list, normalisation: list[float] | None = None, decided: Decision | None = None):
+        """From its member models (PatchCore objects of one configuration but the backbone, fitted
+        or not); `normalisation` and `decided` come with fitted members (a model file's)."""
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        self._setup(list(members), normalisation, decided or Decision())
 
-    def _setup(self, members: list[PatchCore], normalisation, decided: Decision):
+    def _setup(self, members: list, normalisation, decided: Decision):
         self.members = members
         #: Each member's scores are divided by this: the mean of its cross-fitted training scores (None before fit).
         self.normalisation = None if normalisation is None else [float(n) for n in normalisation]
@@ -102,14 +109,6 @@ class PatchCoreEnsemble:
         self.decision = decided
         #: Images the ensemble was fitted on (None when fitted from pooled rows).
         self.fitted_images = None
-
-    @classmethod
-    def from_state(cls, state: model_file.EnsembleState, device=None, **run_options) -> "PatchCoreEnsemble":
-        """A fitted ensemble from what its file held (model_file.load)."""
-        ensemble = cls.__new__(cls)
-        ensemble._setup([PatchCore.from_state(member, device, **run_options) for member in state.members],
-                        state.normalisation, state.decision)
-        return ensemble
 
     # ------------------------------------------------------------------ what it shares with a PatchCore
     #: The settings every member shares (framing, image size, coreset ratio, tiles, ...); each
@@ -156,9 +155,7 @@ class PatchCoreEnsemble:
 
     def with_settings(self, **changes) -> "PatchCoreEnsemble":
         """An unfitted ensemble with scoring settings or run-time options changed (PatchCore.with_settings)."""
-        ensemble = PatchCoreEnsemble.__new__(PatchCoreEnsemble)
-        ensemble._setup([m.with_settings(**changes) for m in self.members], None, Decision())
-        return ensemble
+        return PatchCoreEnsemble([m.with_settings(**changes) for m in self.members])
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
@@ -288,12 +285,3 @@ class PatchCoreEnsemble:
         self._one_process()
         model_file.save_ensemble(path, [(m.config, m.bank.grid, m.bank.index, m.bank.decision) for m in self.members],
                                  self.normalisation, self.decision)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device=None, **run_options) -> "PatchCoreEnsemble":
-        """An ensemble from `save`'s file."""
-        model = PatchCore.load(path, device, **run_options)
-        if not isinstance(model, cls):
-            raise ValueError(f"{path} holds one model, not an ensemble: PatchCore.load reads it")
-        return model
-

@@ -20,6 +20,7 @@ from .backbones import FeatureExtractor, backbone_for, load_backbone
 from .config import PatchCoreConfig, RunOptions
 from .coreset import distances_to_bank, greedy_coreset
 from .data import Batch, ImageData, count_images, iter_decoded, iter_image_batches, prefetched
+from .ensemble import PatchCoreEnsemble, check_backbones
 from .errors import UserError
 from .index import FlatIndex, Index, build_index, for_run
 from .index.pruned import left_out_probes
@@ -38,12 +39,12 @@ class PatchCore:
 
     def __new__(cls, backbone: str | FeatureExtractor | list[str] | tuple[str, ...] = "wide_resnet50_2", *args,
                 **kwargs):
-        # A list of backbones makes the paper's ensemble (ensemble.py builds on this class, hence
-        # the import here); Python then skips __init__, as the object is not a PatchCore.
+        # A list of backbones makes the paper's ensemble of one model per backbone; Python then
+        # skips __init__, as the object is not a PatchCore.
         if isinstance(backbone, (list, tuple)):
-            from .ensemble import PatchCoreEnsemble
-
-            return PatchCoreEnsemble(backbone, *args, **kwargs)
+            if args:
+                raise TypeError("an ensemble takes its settings by name: PatchCore(backbone=[...], coreset_ratio=...)")
+            return PatchCoreEnsemble([cls(name, **kwargs) for name in check_backbones(backbone, kwargs)])
         return super().__new__(cls)
 
     def __init__(self, backbone: str | FeatureExtractor = "wide_resnet50_2",
@@ -447,14 +448,14 @@ class PatchCore:
         self.workers.save(path, self.config, self.bank.grid, self.bank.index, self.bank.decision)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, **run_options):
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+             **run_options) -> "PatchCore | PatchCoreEnsemble":
         """A fitted model from `save`'s file (a PatchCoreEnsemble from an ensemble's); refuses
         changed backbone weights and unknown format versions."""
         state = workers.current().load(path)  # under torchrun: this rank's share of the bank
         if isinstance(state, model_file.EnsembleState):
-            from .ensemble import PatchCoreEnsemble
-
-            return PatchCoreEnsemble.from_state(state, device, **run_options)
+            return PatchCoreEnsemble([cls.from_state(member, device, **run_options) for member in state.members],
+                                     state.normalisation, state.decision)
         return cls.from_state(state, device, **run_options)
 
     @classmethod
