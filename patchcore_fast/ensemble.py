@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -149,6 +150,14 @@ class PatchCoreEnsemble:
         if not isinstance(self.workers, workers.SingleProcess):
             raise UserError("ensembles run in one process: run without torchrun")
 
+    @staticmethod
+    def _rereadable(data: ImageData) -> ImageData:
+        """`data` itself: every member reads the images, so a one-pass iterator is refused."""
+        if isinstance(data, Iterator):
+            raise UserError("an ensemble reads the images once per member: pass a folder, a list of paths or images, "
+                            "a tensor or a DataLoader, not a one-pass iterator (e.g. list(iterator))")
+        return data
+
     def check_fit_size(self, images: int | None, name: str = "coreset_ratio") -> None:
         for member in self.members:
             member.check_fit_size(images, name)
@@ -165,14 +174,14 @@ class PatchCoreEnsemble:
         `cross_fitted_threshold=False` only leaves the ensemble without a threshold, for `calibrate`."""
         _checks.boolean(cross_fitted_threshold, "cross_fitted_threshold")
         self._one_process()
-        self.check_fit_size(count_images(data))
+        self.check_fit_size(count_images(self._rereadable(data)))
         for member in self.members:
             member.fit(data)
         return self._normalised(cross_fitted_threshold)
 
     def extract(self, data: ImageData, desc: str = "features") -> list[torch.Tensor]:
         """Each member's patch features of the images (PatchCore.extract), in member order."""
-        return [m.extract(data, f"{desc} ({short_name(m.backbone_name)})") for m in self.members]
+        return [m.extract(self._rereadable(data), f"{desc} ({short_name(m.backbone_name)})") for m in self.members]
 
     @torch.no_grad()
     def fit_features(self, features: list[torch.Tensor], cross_fitted_threshold: bool = True) -> "PatchCoreEnsemble":
@@ -209,7 +218,7 @@ class PatchCoreEnsemble:
         """Adds defect-free images to every member (PatchCore.update); the normalisation stays that
         of the fit (a calibrated threshold keeps its meaning), the new images' cross-fitted scores
         join the ensemble's good-image scores and a cross-fitted threshold is recomputed."""
-        return self._updated(lambda member: member.update(data))
+        return self._updated(lambda member: member.update(self._rereadable(data)))
 
     @torch.no_grad()
     def update_features(self, features: list[torch.Tensor]) -> "PatchCoreEnsemble":
@@ -242,6 +251,7 @@ class PatchCoreEnsemble:
         """(Prediction, data.Batch) batch by batch (PatchCore.predict_batches): the members score
         each batch in turn and their parts are combined."""
         self._check_fitted()
+        self._rereadable(data)
         streams = [m.predict_batches(data, view_side if i == 0 else None) for i, m in enumerate(self.members)]
         for scored in zip(*streams, strict=True):
             parts = [part for part, _ in scored]

@@ -123,6 +123,8 @@ def test_bad_ensembles_are_refused_with_a_reason(fitted):
         PatchCore(backbone=PAIR, **SETTINGS).predict(texture_batch(range(2)))
     with pytest.raises(UserError, match="fewer than 2"):  # nothing to normalise by
         PatchCore(backbone=PAIR, **SETTINGS).fit(texture_batch(range(1)))
+    with pytest.raises(UserError, match="once per member"):
+        fitted.predict(iter(texture_batch(range(2))))
     with pytest.raises(ValueError, match="one features tensor per member"):
         fitted.score(fitted.members[0].extract(texture_batch(range(2))))
 
