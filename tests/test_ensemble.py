@@ -162,3 +162,21 @@ def test_tables_name_the_members_and_the_command_line_fits_an_ensemble(fitted, t
     assert main(["fit", str(data / "grass" / "train" / "good"), "--out", str(model), "--backbone", *PAIR,
                  "--layers", "blocks.4", *small]) == 2
     assert "per backbone" in capsys.readouterr().err
+
+
+def test_a_tiled_ensemble_combines_its_members_stitched_maps(tmp_path):
+    from images import texture
+
+    def images(seeds):
+        return [texture(s, (160, 120)) for s in seeds]
+
+    model = PatchCore(backbone=PAIR, **SETTINGS, tile=64, tile_overlap=8).fit(images(range(6)))
+    pred = model.predict(images((20, 21)))
+    assert pred.maps is None and [m.shape for m in pred.original_maps] == [(120, 160)] * 2
+    members = [m.predict(images((20, 21))) for m in model.members]
+    for i in range(2):
+        assert torch.allclose(pred.original_maps[i], normalised([p.original_maps[i] for p in members], model.normalisation))
+    assert torch.allclose(pred.scores, normalised([p.scores for p in members], model.normalisation))
+    model.save(tmp_path / "tiled.pcf")
+    again = PatchCore.load(tmp_path / "tiled.pcf", device="cpu", progress=False).predict(images((20, 21)))
+    assert torch.equal(again.scores, pred.scores)
